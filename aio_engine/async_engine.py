@@ -1,0 +1,198 @@
+"""AsyncEngine: the engine loop as one asyncio task, and `async for` over each request's outputs.
+
+The loop schedules on the event loop, runs the forward and sampling in one worker thread (so the
+loop stays free to accept requests and stream), then turns tokens into outputs and hands them to
+each request's collector. A collector keeps only what the consumer has not taken yet, merged, so
+a slow consumer never grows a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sampling.params import RequestOutputKind, SamplingParams
+
+from .config import EngineArgs, EngineConfig
+from .engine_core import EngineCore, PromptType
+from .outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; no request can be served until restart."""
+
+
+class RequestCollector:
+    """Latest undelivered output of one request, merged if the consumer falls behind."""
+
+    def __init__(self, kind: RequestOutputKind) -> None:
+        self.kind = kind
+        self.pending: RequestOutput | BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, output: RequestOutput | BaseException) -> None:
+        pending = self.pending
+        if pending is None or isinstance(output, BaseException) or isinstance(pending, BaseException):
+            self.pending = output if not isinstance(pending, BaseException) else pending
+        elif self.kind == RequestOutputKind.DELTA:
+            for old, new in zip(pending.outputs, output.outputs):
+                new.text = old.text + new.text
+                new.token_ids = old.token_ids + new.token_ids
+            self.pending = output
+        else:
+            self.pending = output
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self.ready.wait()
+        output, self.pending = self.pending, None
+        self.ready.clear()
+        if isinstance(output, BaseException):
+            raise output
+        return output
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.core = EngineCore(config)
+        self.tokenizer = self.core.tokenizer
+        self._collectors: dict[str, RequestCollector] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aio-engine-step")
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._stepping = False
+        self._pending_aborts: set[str] = set()
+        self.dead_error: BaseException | None = None
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
+        return cls(args.create_engine_config())
+
+    # --- health ---
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def errored(self) -> bool:
+        return self.dead_error is not None
+
+    async def check_health(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+
+    # --- requests ---
+    def _ensure_loop(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="aio-engine-loop")
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield outputs of one request until it finishes. Leaving early aborts it."""
+        self._ensure_loop()
+        params = sampling_params if sampling_params is not None else self.core.default_sampling_params()
+        if prompt_token_ids is None and isinstance(prompt, str) and len(prompt) > 20_000:
+            # Tokenizing a huge prompt takes long: keep the loop free.
+            loop = asyncio.get_running_loop()
+            _, prompt_token_ids = await loop.run_in_executor(None, self.core.tokenize_prompt, prompt)
+        request = self.core.add_request(request_id, prompt, params, priority, prompt_token_ids)
+        request_id = request.request_id
+        collector = RequestCollector(params.output_kind)
+        self._collectors[request_id] = collector
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                output = await collector.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._collectors.pop(request_id, None)
+            if not finished:
+                self._abort_now_or_after_step(request_id)
+
+    async def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+                   request_id: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        """generate() over the model's chat template applied to `messages`."""
+        ids = self.core.render_chat(messages, **(chat_template_kwargs or {}))
+        async for out in self.generate({"prompt_token_ids": ids}, sampling_params, request_id, **kwargs):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its generator (if any) receives a final output with finish_reason 'abort'."""
+        self._abort_now_or_after_step(request_id)
+
+    def _abort_now_or_after_step(self, request_id: str) -> None:
+        if self._stepping:  # the worker thread is reading this request's blocks: wait for the step
+            self._pending_aborts.add(request_id)
+            return
+        final = self.core.abort(request_id)
+        collector = self._collectors.pop(request_id, None)
+        if collector is not None and final is not None:
+            collector.put(final)
+
+    # --- the loop ---
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        core = self.core
+        try:
+            while True:
+                if not core.has_unfinished:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                sched = core.schedule()
+                if sched.empty:
+                    await asyncio.sleep(0)
+                    continue
+                self._stepping = True
+                try:
+                    sampled = await loop.run_in_executor(self._executor, core.execute, sched)
+                finally:
+                    self._stepping = False
+                for output in core.finish_step(sched, sampled):
+                    self._deliver(output)
+                for request_id in self._pending_aborts:
+                    self._abort_now_or_after_step(request_id)
+                self._pending_aborts.clear()
+                await asyncio.sleep(0)  # let consumers and the web layer run between steps
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # every waiting caller hears of it; the engine is dead
+            logger.exception("engine step failed; failing requests %s", list(core.scheduler.requests))
+            self.dead_error = e
+            core.fail_all()
+            error = EngineDeadError(f"engine step failed: {e!r}")
+            error.__cause__ = e
+            for collector in self._collectors.values():
+                collector.put(error)
+            self._collectors.clear()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        collector = self._collectors.get(output.request_id)
+        if collector is not None:
+            collector.put(output)
+            if output.finished:
+                del self._collectors[output.request_id]
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for request_id in list(self.core.scheduler.requests):
+            self.core.abort(request_id)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,331 @@
+"""Engine configuration: EngineArgs (flat, the CLI's names) -> EngineConfig (a tree), built and
+validated once by `EngineArgs.create_engine_config()` and passed down. Nothing else reads flags
+or the environment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+           "float32": torch.float32, "float": torch.float32}
+
+
+def arg(default: Any, help: str, choices: tuple | None = None, group: str = "model") -> Any:
+    """A field of EngineArgs with what the CLI needs to expose it (one source of truth)."""
+    meta = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """'32k' -> 32000, '32K' -> 32768, '1m' -> 1000000, '1M' -> 1048576, 'auto' -> None."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text in ("auto", "-1"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)", text)
+    if not m:
+        raise ValueError(f"max_model_len must be an integer, 'auto', or a form like 32k/1M; got {value!r}")
+    number, unit = float(m.group(1)), m.group(2)
+    scale = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}[unit]
+    return int(number * scale)
+
+
+@dataclass
+class EngineArgs:
+    """Every engine setting, flat, named as vLLM's `serve` flags (dashes become underscores)."""
+
+    # model
+    model: str | None = arg(None, "Model folder (Hugging Face format). Default: the embedded tiny model.")
+    tokenizer: str | None = arg(None, "Tokenizer folder; default: the model folder.")
+    tokenizer_mode: str = arg("auto", "auto/hf: fast tokenizer where available; slow: the Python one.", ("auto", "hf", "slow"))
+    skip_tokenizer_init: bool = arg(False, "Load no tokenizer: prompts and outputs are token ids only.")
+    trust_remote_code: bool = arg(False, "Accepted for compatibility; no remote code is ever run.")
+    revision: str | None = arg(None, "Ignored: models load offline from a folder (a warning says so).")
+    dtype: str = arg("auto", "Weight and activation dtype. auto: the checkpoint's on GPU (float16/bfloat16), float32 on CPU.",
+                     ("auto", "bfloat16", "float16", "half", "float32", "float"))
+    seed: int = arg(0, "Random seed for weights made with --load-format dummy and for unseeded sampling.")
+    max_model_len: int | str | None = arg(None, "Context length (prompt + output). Default: the model's limit. Accepts 32k/1M forms.")
+    served_model_name: str | list[str] | None = arg(None, "Name(s) the API answers to; default: the model path.")
+    generation_config: str = arg("auto", "Sampling defaults: auto (the model's generation_config.json), vllm (none), or a folder.")
+    override_generation_config: dict = arg({}, "JSON overriding fields of the generation config, e.g. '{\"temperature\": 0.5}'.")
+    hf_overrides: dict = arg({}, "JSON overriding fields of the model's config.json.")
+    max_logprobs: int = arg(20, "Most logprobs a request may ask for (-1: no cap).")
+    logprobs_mode: str = arg("raw_logprobs", "What logprobs return.", ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"))
+    disable_sliding_window: bool = arg(False, "Attend over the whole context on sliding-window layers (caps max_model_len at the window).")
+    device: str = arg("auto", "cuda or cpu; auto picks cuda when present.", ("auto", "cuda", "cpu"))
+    # load
+    load_format: str = arg("auto", "auto: safetensors, else .bin/.pt; dummy: random weights of the right shapes.",
+                           ("auto", "safetensors", "pt", "dummy"), group="load")
+    download_dir: str | None = arg(None, "Ignored offline: models are folders.", group="load")
+    use_tqdm_on_load: bool = arg(True, "Show a progress bar per weight shard.", group="load")
+    # cache
+    block_size: int = arg(16, "Tokens per KV-cache block.", BLOCK_SIZES, group="cache")
+    gpu_memory_utilization: float = arg(0.9, "Fraction of GPU memory the engine may use (weights, activations, KV cache).", group="cache")
+    kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes (overrides --gpu-memory-utilization).", group="cache")
+    num_gpu_blocks_override: int | None = arg(None, "Number of KV-cache blocks, whatever memory says.", group="cache")
+    enable_prefix_caching: bool = arg(True, "Reuse KV blocks of identical prompt prefixes.", group="cache")
+    prefix_caching_hash_algo: str = arg("sha256", "Block hash: sha256 (collision-safe) or xxhash (fast).", ("sha256", "xxhash"), group="cache")
+    kv_cache_dtype: str = arg("auto", "KV cache dtype; auto: the model dtype.", ("auto", "bfloat16", "float16", "float32"), group="cache")
+    # scheduler
+    max_num_batched_tokens: int | None = arg(None, "Most tokens in one step. Default 8192 on GPU, 2048 on CPU.", group="scheduler")
+    max_num_seqs: int = arg(256, "Most requests in one step.", group="scheduler")
+    scheduling_policy: str = arg("fcfs", "fcfs: arrival order; priority: lower `priority` first, then arrival.", ("fcfs", "priority"), group="scheduler")
+    enable_chunked_prefill: bool = arg(True, "Split long prompts into chunks that share steps with decodes.", group="scheduler")
+    async_scheduling: bool = arg(True, "Schedule step N+1 before step N's tokens reach the host.", group="scheduler")
+    stream_interval: int = arg(1, "Tokens per streamed chunk (the last chunk always comes).", group="scheduler")
+    # compilation
+    optimization_level: int = arg(2, "-O0 eager, -O1 compile + piecewise graphs, -O2 + full decode graphs, -O3 + autotune.", (0, 1, 2, 3), group="compilation")
+    enforce_eager: bool = arg(False, "Never compile or capture CUDA graphs.", group="compilation")
+    # parallel
+    tensor_parallel_size: int = arg(1, "GPUs per model replica.", group="parallel")
+    data_parallel_size: int = arg(1, "Model replicas.", group="parallel")
+    # observability
+    disable_log_stats: bool = arg(False, "Do not log throughput and cache statistics.", group="observability")
+
+    def create_engine_config(self) -> EngineConfig:
+        return EngineConfig.build(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class ModelConfig:
+    path: Path
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    tokenizer: str | None
+    tokenizer_mode: str
+    seed: int
+    served_model_names: list[str]
+    generation_defaults: dict
+    max_logprobs: int
+    logprobs_mode: str
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class LoadConfig:
+    load_format: str
+    use_tqdm: bool
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int | None
+    num_blocks_override: int | None
+    enable_prefix_caching: bool
+    hash_algo: str
+    kv_cache_dtype: torch.dtype
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    policy: str
+    enable_chunked_prefill: bool
+    async_scheduling: bool
+    stream_interval: int
+    max_model_len: int
+
+
+@dataclass
+class CompilationConfig:
+    level: int
+    enforce_eager: bool
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+
+@dataclass
+class ObservabilityConfig:
+    log_stats: bool = True
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    load: LoadConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    compilation: CompilationConfig
+    parallel: ParallelConfig
+    observability: ObservabilityConfig
+    device: torch.device
+    args: EngineArgs
+
+    @classmethod
+    def build(cls, args: EngineArgs) -> EngineConfig:
+        from transformers import AutoConfig
+
+        from .models import model_class
+
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        if args.revision:
+            logger.warning("--revision %s ignored: models load offline from a folder", args.revision)
+        path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {str(path)!r} is not a folder with a config.json (models load offline from a folder)")
+        hf_config = AutoConfig.from_pretrained(path, **_dict_arg(args.hf_overrides, "hf_overrides"))
+        architecture = model_class(getattr(hf_config, "architectures", None)).__name__
+        if args.disable_sliding_window:
+            hf_config._disable_sliding_window = True
+
+        dtype = _resolve_dtype(args.dtype, hf_config, device)
+        model_limit = _model_max_len(hf_config, args.disable_sliding_window)
+        max_model_len = parse_size(args.max_model_len) or model_limit
+        if max_model_len > model_limit:
+            raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's limit ({model_limit})")
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+
+        if args.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {args.block_size}")
+        if not 0 < args.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        if args.num_gpu_blocks_override is not None and args.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {args.num_gpu_blocks_override}")
+        if args.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
+        if args.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {args.stream_interval}")
+        if args.optimization_level not in (0, 1, 2, 3):
+            raise ValueError(f"optimization_level must be 0, 1, 2 or 3, got {args.optimization_level}")
+        if args.tensor_parallel_size != 1 or args.data_parallel_size != 1:
+            raise ValueError("tensor_parallel_size and data_parallel_size > 1 are not supported yet")
+        if args.kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"kv_cache_dtype must be auto, bfloat16, float16 or float32, got {args.kv_cache_dtype}")
+
+        batched = args.max_num_batched_tokens
+        if batched is None:
+            default = 8192 if device.type == "cuda" else 2048
+            batched = default if args.enable_chunked_prefill else max(default, max_model_len)
+        if batched < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {batched}")
+        if not args.enable_chunked_prefill and batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_model_len}): "
+                "a long prompt could never be scheduled. Raise it, lower max_model_len, or enable chunked prefill."
+            )
+
+        names = args.served_model_name or [args.model or "aio-engine/default"]
+        text_config = getattr(hf_config, "text_config", hf_config)
+        num_heads = text_config.num_attention_heads
+        model = ModelConfig(
+            path=path, hf_config=hf_config, architecture=architecture, dtype=dtype,
+            max_model_len=max_model_len, tokenizer=args.tokenizer, tokenizer_mode=args.tokenizer_mode,
+            seed=args.seed, served_model_names=[names] if isinstance(names, str) else list(names),
+            generation_defaults=_generation_defaults(path, args),
+            max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode,
+            vocab_size=text_config.vocab_size, num_layers=text_config.num_hidden_layers,
+            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
+        )
+        if args.skip_tokenizer_init:
+            model.tokenizer = None
+        elif model.tokenizer is None:
+            model.tokenizer = str(path)
+        kv_dtype = dtype if args.kv_cache_dtype == "auto" else _DTYPES[args.kv_cache_dtype]
+        return cls(
+            model=model,
+            load=LoadConfig(args.load_format, args.use_tqdm_on_load),
+            cache=CacheConfig(args.block_size, args.gpu_memory_utilization, args.kv_cache_memory_bytes,
+                              args.num_gpu_blocks_override, args.enable_prefix_caching,
+                              args.prefix_caching_hash_algo, kv_dtype),
+            scheduler=SchedulerConfig(batched, args.max_num_seqs, args.scheduling_policy,
+                                      args.enable_chunked_prefill, args.async_scheduling,
+                                      args.stream_interval, max_model_len),
+            compilation=CompilationConfig(0 if args.enforce_eager else args.optimization_level, args.enforce_eager),
+            parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size),
+            observability=ObservabilityConfig(log_stats=not args.disable_log_stats),
+            device=device,
+            args=args,
+        )
+
+
+def _dict_arg(value: dict | str | None, name: str) -> dict:
+    if not value:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return value
+
+
+def _resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _model_max_len(hf_config: Any, disable_sliding_window: bool) -> int:
+    config = getattr(hf_config, "text_config", hf_config)
+    limit = getattr(config, "max_position_embeddings", None) or 2048
+    window = getattr(config, "sliding_window", None)
+    if disable_sliding_window and window:
+        limit = min(limit, window)
+    return int(limit)
+
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def _generation_defaults(path: Path, args: EngineArgs) -> dict:
+    """Sampling defaults from generation_config.json (auto / a folder) plus overrides; 'vllm': none."""
+    defaults: dict = {}
+    source = {"auto": path, "vllm": None}.get(args.generation_config, Path(args.generation_config))
+    if source is not None:
+        file = Path(source) / "generation_config.json"
+        if file.is_file():
+            raw = json.loads(file.read_text())
+            defaults = {k: raw[k] for k in _SAMPLING_KEYS if k in raw}
+            if "max_new_tokens" in defaults:
+                defaults["max_tokens"] = defaults.pop("max_new_tokens")
+            if raw.get("do_sample") is False:
+                defaults.pop("temperature", None)
+            eos = raw.get("eos_token_id")
+            if eos is not None:
+                defaults["_eos_token_ids"] = tuple(eos if isinstance(eos, list) else [eos])
+        elif args.generation_config not in ("auto",):
+            raise ValueError(f"generation_config {args.generation_config!r}: no generation_config.json there")
+    defaults.update(_dict_arg(args.override_generation_config, "override_generation_config"))
+    return defaults
+

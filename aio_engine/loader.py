@@ -1,0 +1,86 @@
+"""Weight loading: a Hugging Face folder's safetensors (sharded or not) or .bin/.pt files, or
+random weights of the right shapes (`--load-format dummy`). One tqdm bar step per shard."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .models import model_class
+
+logger = logging.getLogger(__name__)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _pt_files(path: Path) -> list[Path]:
+    return sorted(p for p in [*path.glob("*.bin"), *path.glob("*.pt")] if "training_args" not in p.name)
+
+
+def iterate_weights(path: Path, load_format: str, use_tqdm: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from the folder, shard by shard."""
+    files: list[Path] = []
+    kind = load_format
+    if load_format in ("auto", "safetensors"):
+        files = _safetensors_files(path)
+        kind = "safetensors"
+    if not files and load_format in ("auto", "pt"):
+        files = _pt_files(path)
+        kind = "pt"
+    if not files:
+        raise ValueError(f"no weights for load_format={load_format!r} in {path} (use --load-format dummy for random weights)")
+    for file in tqdm(files, desc="Loading weights", unit="shard", disable=not use_tqdm or len(files) < 2):
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            yield from state.items()
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Deterministic random weights: N(0, 0.02) for matrices and biases, near 1 for norm weights."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            values = 1.0 + 0.1 * torch.rand(param.shape, generator=gen)
+        else:
+            values = 0.02 * torch.randn(param.shape, generator=gen)
+        param.data.copy_(values)
+
+
+def load_model(config: EngineConfig) -> torch.nn.Module:
+    """Build the model on the target device with the configured dtype and fill its weights."""
+    mc = config.model
+    cls = model_class(getattr(mc.hf_config, "architectures", None))
+    with torch.device("meta"):
+        model = cls(mc.hf_config)
+    model = model.to_empty(device=config.device).to(mc.dtype)
+    if config.load.load_format == "dummy":
+        init_dummy_weights(model, mc.seed)
+    else:
+        weights = (
+            (name, tensor.to(mc.dtype) if tensor.is_floating_point() else tensor)
+            for name, tensor in iterate_weights(mc.path, config.load.load_format, config.load.use_tqdm)
+        )
+        loaded = model.load_weights(weights)
+        missing = set(dict(model.named_parameters())) - loaded
+        if missing:
+            raise ValueError(f"checkpoint in {mc.path} lacks weights: {sorted(missing)[:8]}")
+    model.init_buffers(config.device, mc.max_model_len)
+    return model.eval()

@@ -1,0 +1,195 @@
+"""ModelRunner: turns a SchedulerOutput into a flat batch, runs the forward and the sampler.
+
+Owns the model, the KV-cache tensors and the input buffers (allocated once at the largest batch;
+pinned on CUDA, copied non-blocking). It never decides who runs: the scheduler does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from kernels.attention import AttentionMetadata
+from sampling.sampler import Sampler, SamplingBatch
+
+from .config import EngineConfig
+from .loader import load_model
+from .scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        mc = config.model
+        torch.manual_seed(mc.seed)
+        start = time.perf_counter()
+        self.model = load_model(config)
+        logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype, time.perf_counter() - start)
+        self.block_size = config.cache.block_size
+        self.max_num_tokens = config.scheduler.max_num_batched_tokens
+        self.max_num_seqs = config.scheduler.max_num_seqs
+        self.max_blocks_per_seq = -(-mc.max_model_len // self.block_size)
+        pin = self.device.type == "cuda"
+        # Host staging buffers, filled through numpy views every step.
+        self.host_input_ids = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        self.host_positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        self.host_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        self.host_query_start = torch.zeros(self.max_num_seqs + 1, dtype=torch.int32, pin_memory=pin)
+        self.host_seq_lens = torch.zeros(self.max_num_seqs, dtype=torch.int32, pin_memory=pin)
+        self.host_block_tables = torch.zeros(self.max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.host_logits_idx = torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        generator = torch.Generator(device=self.device).manual_seed(mc.seed)
+        self.sampler = Sampler(generator)
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    # --- KV cache sizing ---
+    def bytes_per_block(self) -> int:
+        mc = self.config.model
+        elem = torch.empty((), dtype=self.config.cache.kv_cache_dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        per_block = self.bytes_per_block()
+        if cache.num_blocks_override is not None:
+            return cache.num_blocks_override
+        if cache.kv_cache_memory_bytes is not None:
+            num = cache.kv_cache_memory_bytes // per_block
+        elif self.device.type == "cuda":
+            num = self._profile_free_bytes() // per_block
+        else:
+            # CPU: 1 GiB, but no more than every seat filled to max_model_len needs.
+            enough = self.max_num_seqs * self.max_blocks_per_seq + 1
+            num = min(CPU_DEFAULT_KV_BYTES // per_block, enough)
+        if num < 1:
+            raise ValueError(
+                f"no memory is left for the KV cache ({per_block} bytes per block): raise "
+                "--gpu-memory-utilization or --kv-cache-memory-bytes, or lower --max-num-batched-tokens"
+            )
+        return int(num)
+
+    def _profile_free_bytes(self) -> int:
+        """Run the largest batch once on a small scratch cache; what the budget leaves is for KV."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = self.max_num_tokens
+        scratch_blocks = -(-num_tokens // self.block_size) + 1
+        self.allocate_kv_cache(scratch_blocks)
+        block_table = list(range(scratch_blocks - 1))
+        meta_inputs = [(list(range(num_tokens)), 0, block_table)]
+        try:
+            self._forward_raw(meta_inputs, sample_rows=[0])
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"out of memory in the profiling run at {num_tokens} tokens: lower --max-num-batched-tokens "
+                "or --max-model-len, or raise --gpu-memory-utilization"
+            ) from e
+        peak = torch.cuda.max_memory_allocated()
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = int(total * self.config.cache.gpu_memory_utilization)
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        available = budget - peak - max(used_by_others, 0)
+        logger.info("GPU memory: total %.1f GiB, peak %.2f GiB in profiling, %.2f GiB for the KV cache",
+                    total / 2**30, peak / 2**30, available / 2**30)
+        return max(available, 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        mc = self.config.model
+        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        dtype = self.config.cache.kv_cache_dtype
+        try:
+            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(mc.num_layers)]
+        except torch.OutOfMemoryError as e:
+            self.kv_caches = []
+            raise RuntimeError(
+                f"out of memory allocating {num_blocks} KV blocks: lower --gpu-memory-utilization, "
+                "--kv-cache-memory-bytes or --num-gpu-blocks-override"
+            ) from e
+        self.num_blocks = num_blocks
+
+    # --- the step ---
+    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int]):
+        """seqs: (token ids to compute, first position, block ids) per request -> device inputs."""
+        num_seqs = len(seqs)
+        lens = np.fromiter((len(t) for t, _, _ in seqs), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((p for _, p, _ in seqs), dtype=np.int64, count=num_seqs)
+        num_tokens = int(lens.sum())
+        query_start = self.host_query_start.numpy()[: num_seqs + 1]
+        query_start[0] = 0
+        np.cumsum(lens, out=query_start[1:])
+        ids = self.host_input_ids.numpy()[:num_tokens]
+        ids[:] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64, count=num_tokens)
+        # positions: each request's run start..start+len, built without a Python loop over tokens
+        seq_of_token = np.repeat(np.arange(num_seqs), lens)
+        positions = self.host_positions.numpy()[:num_tokens]
+        positions[:] = np.arange(num_tokens) - np.repeat(query_start[:-1], lens) + starts[seq_of_token]
+        tables = self.host_block_tables.numpy()[:num_seqs]
+        tables.fill(0)
+        for i, (_, _, blocks) in enumerate(seqs):
+            tables[i, : len(blocks)] = blocks
+        slots = self.host_slots.numpy()[:num_tokens]
+        slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        seq_lens = self.host_seq_lens.numpy()[:num_seqs]
+        seq_lens[:] = starts + lens
+        logits_idx = self.host_logits_idx.numpy()[: len(sample_rows)]
+        logits_idx[:] = query_start[1:][sample_rows] - 1
+
+        dev = self.device
+        non_blocking = dev.type == "cuda"
+
+        def to_dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev, non_blocking=non_blocking) if non_blocking else t.clone()
+
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(self.host_slots[:num_tokens]),
+            query_start_loc=to_dev(self.host_query_start[: num_seqs + 1]),
+            seq_lens=to_dev(self.host_seq_lens[:num_seqs]),
+            block_tables=to_dev(self.host_block_tables[:num_seqs, : max(1, max(len(b) for _, _, b in seqs))]),
+            max_query_len=int(lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_host=query_start.tolist(),
+            seq_lens_host=seq_lens.tolist(),
+        )
+        return (to_dev(self.host_input_ids[:num_tokens]), to_dev(self.host_positions[:num_tokens]), meta,
+                to_dev(self.host_logits_idx[: len(sample_rows)]))
+
+    @torch.inference_mode()
+    def _forward_raw(self, seqs, sample_rows: list[int]) -> torch.Tensor:
+        input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden[logits_idx])  # [len(sample_rows), vocab]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int | None]:
+        """Run one step; the sampled token of each scheduled request (None for partial prefills)."""
+        seqs = []
+        sample_rows: list[int] = []
+        params = []
+        for i, sched in enumerate(out.scheduled):
+            r = sched.request
+            start = r.num_computed_tokens
+            seqs.append((r.all_token_ids[start : start + sched.num_new_tokens], start, r.block_ids))
+            if sched.samples:
+                sample_rows.append(i)
+                params.append(r.sampling_params)
+        result: list[int | None] = [None] * len(seqs)
+        logits = self._forward_raw(seqs, sample_rows)
+        if not sample_rows:
+            return result
+        batch = SamplingBatch.from_params(params, logits.shape[-1], self.device)
+        sampled = self.sampler(logits, batch).tolist()  # the step's one host sync
+        for row, token in zip(sample_rows, sampled):
+            result[row] = token
+        return result

@@ -1,0 +1,86 @@
+"""Building blocks shared by the decoder models: norms, rotary embedding, fused projections.
+
+Fused projections (qkv, gate_up) own a `weight_loader` that copies each checkpoint shard into its
+slice, so the loader stacks `q_proj`/`k_proj`/`v_proj` and `gate_proj`/`up_proj` at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import rotary
+from kernels.activation import silu_and_mul
+from kernels.layernorm import fused_add_rms_norm, rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Plain norm, or (norm(x + residual), x + residual) when a residual is passed."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class FusedLinear(nn.Module):
+    """One matmul for several checkpoint projections stacked on the output dim."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
+        super().__init__()
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = (offset, size)
+            offset += size
+        self.weight = nn.Parameter(torch.empty(offset, in_features))
+        self.bias = nn.Parameter(torch.empty(offset)) if bias else None
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: str) -> None:
+        """Copy one checkpoint projection ('q', 'gate', ...) into its rows of weight or bias."""
+        start, size = self.shard_offsets[shard]
+        target = getattr(self, param_name).data.narrow(0, start, size)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shard {shard!r}: checkpoint shape {tuple(loaded.shape)}, expected {tuple(target.shape)}")
+        target.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = FusedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+def rope_cache(config, head_dim: int, max_positions: int) -> torch.Tensor:
+    """The cos/sin cache for the config's rope type (default, linear, llama3; others via transformers)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    scaling = 1.0
+    if rope_type == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif rope_type == "llama3":
+        inv_freq = rotary.llama3_inv_freq(
+            inv_freq, params["factor"], params["low_freq_factor"], params["high_freq_factor"],
+            params["original_max_position_embeddings"],
+        )
+    elif rope_type in ("yarn", "longrope"):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    elif rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3, yarn, longrope)")
+    return rotary.cos_sin_cache(inv_freq, max_positions, scaling)

@@ -1,0 +1,218 @@
+"""Scheduler: continuous batching with chunked prefill, decode first, preemption by recompute.
+
+Each step it decides how many new tokens every request computes (a decode: 1; a prefill: a chunk
+within the token budget) and admits waiting requests while blocks and max_num_seqs allow. It never
+touches tensors: the runner turns a SchedulerOutput into a flat batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import SchedulerConfig
+from .kv_cache import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    samples: bool  # this chunk reaches the end of the known tokens, so its last logits are sampled
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class WaitingQueue:
+    """FCFS deque or priority heap, behind one small interface."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[tuple[int, float], int, Request]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._fifo) if self.policy == "fcfs" else len(self._heap)
+
+    def __iter__(self):
+        return iter(self._fifo) if self.policy == "fcfs" else iter(r for _, _, r in sorted(self._heap))
+
+    def push(self, request: Request, front: bool = False) -> None:
+        if self.policy == "fcfs":
+            (self._fifo.appendleft if front else self._fifo.append)(request)
+        else:
+            heapq.heappush(self._heap, (request.sort_key(), next(self._counter), request))
+
+    def peek(self) -> Request:
+        return self._fifo[0] if self.policy == "fcfs" else self._heap[0][2]
+
+    def pop(self) -> Request:
+        return self._fifo.popleft() if self.policy == "fcfs" else heapq.heappop(self._heap)[2]
+
+    def remove(self, request: Request) -> None:
+        if self.policy == "fcfs":
+            self._fifo.remove(request)
+        else:
+            self._heap = [item for item in self._heap if item[2] is not request]
+            heapq.heapify(self._heap)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # --- requests in and out ---
+    def add_request(self, request: Request) -> None:
+        """Queue a request; refuse one that could never be scheduled."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        limit = self.config.max_model_len
+        if request.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if request.num_prompt_tokens >= limit:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens; with at least one output token it needs "
+                f"more than max_model_len ({limit})"
+            )
+        if self.kv.blocks_needed(request.num_prompt_tokens + 1) > self.kv.num_blocks:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens, more than the whole KV cache holds "
+                f"({self.kv.num_blocks} blocks of {self.kv.block_size})"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Stop a request (abort, stop string, error) and free its blocks. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif not request.status.finished:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        return request
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # --- the step ---
+    def _preempt_one(self) -> Request:
+        """Free the blocks of the request that should yield (newest, or lowest priority)."""
+        if self.config.policy == "priority":
+            victim = max(self.running, key=lambda r: r.sort_key())
+        else:
+            victim = self.running[-1]
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push(victim, front=True)
+        return victim
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running requests first (decodes and unfinished prefill chunks), oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request, num_new):
+                victim = self._preempt_one()
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+                for j, sched in enumerate(out.scheduled):  # a request scheduled earlier this step yielded
+                    if sched.request is victim:
+                        del out.scheduled[j]
+                        budget += sched.num_new_tokens
+                        out.num_tokens -= sched.num_new_tokens
+                        i -= 1
+                        break
+            if request.status != RequestStatus.RUNNING:
+                continue  # it preempted itself, and was the last in self.running
+            samples = request.num_computed_tokens + num_new == request.num_tokens
+            out.scheduled.append(ScheduledRequest(request, num_new, samples))
+            out.num_tokens += num_new
+            budget -= num_new
+            i += 1
+
+        # 2. Admit waiting requests while budget, seats and blocks allow (none if anyone was preempted).
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            request = self.waiting.peek()
+            cached = self.kv.find_cached_prefix(request)
+            num_cached = len(cached) * self.kv.block_size
+            remaining = request.num_tokens - num_cached
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                break
+            if not self.kv.allocate(request, num_new, cached):
+                break
+            self.waiting.pop()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, num_cached + num_new == request.num_tokens))
+            out.num_tokens += num_new
+            budget -= num_new
+        return out
+
+    def update_after_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish by eos/stop ids/length. Returns
+        the requests that got a new token (finished ones included, already freed)."""
+        changed: list[Request] = []
+        for sched, token in zip(out.scheduled, sampled):
+            request = sched.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += sched.num_new_tokens
+            self.kv.cache_full_blocks(request, request.num_computed_tokens)
+            if token is None:
+                continue
+            request.append_token(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            changed.append(request)
+        return changed
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,5 @@
+"""Grammar-constrained decoding (xgrammar): request specs, compile cache, matchers, bitmasks."""
+
+from .params import StructuredOutputsParams
+
+__all__ = ["StructuredOutputsParams"]
