@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The tiny test models run fastest on one thread, and OpenMP threads that wait on a busy core
+# (CI runs on 2 cores) make every small matmul slow.
+torch.set_num_threads(1)
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks. "
     "Continuous batching lets new requests join every step. Hello world! How are you today? "

@@ -1,0 +1,83 @@
+"""Offline throughput: N random requests through LLM.generate, as in `vllm bench throughput`.
+
+Prompts are random token ids (no tokenizer needed, so a config-only folder with
+--load-format dummy works); prompt and output lengths are drawn uniformly from ranges and
+every request runs to its length (ignore_eos). Prints requests/s, output tokens/s, total tokens/s.
+
+  python benchmarks/throughput.py --num-prompts 64 --input-len 32 128 --output-len 32 128
+  python benchmarks/throughput.py --model ../shared/models/qwen3-0.6b --load-format dummy \
+      --num-prompts 256 --input-len 100 1024 --output-len 100 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aio_engine.cli import GROUP_TITLES, add_engine_args, engine_args_from  # noqa: E402
+from aio_engine.llm import LLM  # noqa: E402
+from sampling.params import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    add_engine_args(parser, groups)
+    ns = parser.parse_args()
+    ns.model_tag = None
+    args = engine_args_from(ns)
+    if args.model and not (Path(args.model) / "tokenizer_config.json").exists() and not args.skip_tokenizer_init:
+        args.skip_tokenizer_init = True  # config-only folders (../shared/models) have no tokenizer
+
+    start = time.perf_counter()
+    llm = LLM(**{k: v for k, v in vars(args).items()})
+    startup = time.perf_counter() - start
+    vocab = llm.core.config.model.vocab_size
+    max_len = llm.core.config.model.max_model_len
+    rng = random.Random(ns.workload_seed)
+    prompts, params = [], []
+    for _ in range(ns.num_prompts):
+        n_in = rng.randint(*ns.input_len)
+        n_out = min(rng.randint(*ns.output_len), max_len - n_in)
+        prompts.append({"prompt_token_ids": [rng.randrange(vocab) for _ in range(n_in)]})
+        params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True))
+    # Warm up once (allocator, lazy inits) so the timing is of steady work.
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    result = {
+        "model": str(llm.core.config.model.path), "device": str(llm.core.config.device),
+        "dtype": str(llm.core.config.model.dtype), "num_prompts": ns.num_prompts,
+        "input_len": ns.input_len, "output_len": ns.output_len, "elapsed_s": round(elapsed, 3),
+        "startup_s": round(startup, 2),
+        "requests_per_s": round(ns.num_prompts / elapsed, 3),
+        "output_tokens_per_s": round(output_tokens / elapsed, 1),
+        "total_tokens_per_s": round((prompt_tokens + output_tokens) / elapsed, 1),
+        "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "preemptions": llm.core.scheduler.num_preemptions,
+    }
+    print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.1f} total tokens/s, "
+          f"{result['output_tokens_per_s']:.1f} output tokens/s ({ns.num_prompts} requests, {prompt_tokens} prompt + "
+          f"{output_tokens} output tokens in {elapsed:.2f}s)")
+    print(json.dumps(result))
+    if ns.json:
+        ns.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
