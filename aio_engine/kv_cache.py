@@ -143,6 +143,6 @@ class KVCacheManager:
         request.block_ids = []
 
     def reset_prefix_cache(self) -> None:
-        for block_hash, block in list(self.cached.items()):
+        for block in self.cached.values():
             self.block_hash[block] = None
         self.cached.clear()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kernels.attention import AttentionMetadata
+from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplingBatch
 
 from .config import EngineConfig
@@ -81,13 +82,23 @@ class ModelRunner:
         """Run the largest batch once on a small scratch cache; what the budget leaves is for KV."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        num_tokens = self.max_num_tokens
-        scratch_blocks = -(-num_tokens // self.block_size) + 1
-        self.allocate_kv_cache(scratch_blocks)
-        block_table = list(range(scratch_blocks - 1))
-        meta_inputs = [(list(range(num_tokens)), 0, block_table)]
+        # The largest step: max_num_batched_tokens split into sequences no longer than max_model_len.
+        num_tokens, seq_len = self.max_num_tokens, self.config.model.max_model_len
+        lengths = [min(seq_len, num_tokens - start) for start in range(0, num_tokens, seq_len)][: self.max_num_seqs]
+        seqs, next_block = [], 0
+        for n in lengths:
+            num_blocks = -(-n // self.block_size)
+            seqs.append(([0] * n, 0, list(range(next_block, next_block + num_blocks))))
+            next_block += num_blocks
+        self.allocate_kv_cache(next_block)
         try:
-            self._forward_raw(meta_inputs, sample_rows=[0])
+            self._forward_raw(seqs, sample_rows=list(range(len(seqs))))
+            # The sampler's worst case too: every seat sampling with top-k and top-p.
+            vocab = self.config.model.vocab_size
+            logits = torch.randn(self.max_num_seqs, vocab, device=self.device)
+            worst = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9)] * self.max_num_seqs
+            self.sampler(logits, SamplingBatch.from_params(worst, vocab, self.device))
+            del logits
             torch.cuda.synchronize()
         except torch.OutOfMemoryError as e:
             raise RuntimeError(

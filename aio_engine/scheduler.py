@@ -215,4 +215,7 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.kv.num_blocks * self.kv.block_size:
+            # Past here it could never fit in the cache even alone: it would preempt itself forever.
+            return RequestStatus.FINISHED_LENGTH
         return None
