@@ -5,15 +5,25 @@ attend causally to their cached prefix plus themselves) and decode rows (one tok
 `AttentionMetadata` describes it; `write_kv` stores the new keys and values by slot, and
 `paged_attention` reads them back through each request's block table.
 
-This file holds the plain-torch reference used on CPU. Issue 3 adds the Triton kernels that the
-same entry points dispatch to on CUDA.
+On CUDA one Triton kernel handles the whole flat batch: each program takes a tile of one
+request's query tokens times the query heads of one KV head (GQA), walks that request's KV blocks
+through its block table with an online softmax, and writes the tile's output. Decode batches use
+small tiles and, when there are too few programs to fill the GPU, split each context into
+segments reduced by a second kernel (flash-decoding). Elsewhere the plain-torch reference runs.
+Nothing in the launch depends on device values, so the launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
+
+from .cache import write_kv  # noqa: F401  (the attention entry points live together)
 
 
 @dataclass
@@ -35,19 +45,6 @@ class AttentionMetadata:
         return len(self.seq_lens_host)
 
 
-def write_kv(
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens]
-) -> None:
-    """Store the new keys and values at their slots (reference)."""
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
-
-
 def _gather_context(
     kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +56,7 @@ def _gather_context(
     return k, v  # [seq_len, num_kv_heads, head_dim]
 
 
-def paged_attention(
+def paged_attention_reference(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     meta: AttentionMetadata,
@@ -67,7 +64,7 @@ def paged_attention(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
 ) -> torch.Tensor:
-    """Causal attention of each request's new tokens over its whole cached context (reference).
+    """Causal attention of each request's new tokens over its whole cached context (torch).
 
     Token t of a request at absolute position p attends to positions [max(0, p - window + 1), p].
     Decode rows are batched into one padded computation; prefill chunks run one by one.
@@ -141,3 +138,200 @@ def _decode_reference(
     probs = torch.softmax(scores, dim=-1)
     o = torch.einsum("rkgl,rlkd->rkgd", probs, v).reshape(len(rows), num_heads, head_dim)
     out[token_idx] = o.to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+
+
+@triton.jit
+def _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The request whose query tiles contain global tile `tile`; request i's tiles start at
+    query_start[i] // BLOCK_Q + i, an over-count that needs no host-side prefix sum."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
+        if first <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    scale_log2, num_seqs, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_mt, stride_mh,
+    stride_kb, stride_ks, stride_kh, stride_bt,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len  # tokens cached before this step
+
+    # Rows: BLOCK_Q query tokens x GROUP_P heads (padded to a power of two).
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + offs_m // GROUP_P
+    head = kv_head * GROUP + offs_m % GROUP_P
+    row_ok = (q_idx < q_len) & (offs_m % GROUP_P < GROUP)
+    q_pos = context + q_idx
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    token = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    # Keys this tile attends to: [lo, hi), then this program's share of whole TILE_N tiles.
+    first_pos = context + q_tile * BLOCK_Q
+    hi = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    lo = tl.maximum(first_pos - window + 1, 0)
+    lo = (lo // TILE_N) * TILE_N
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tl.cdiv(hi - lo, TILE_N), NUM_SPLITS) * TILE_N
+        lo = lo + split * per_split
+        hi = tl.minimum(hi, lo + per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, TILE_N):
+        offs_n = start + tl.arange(0, TILE_N)
+        n_ok = offs_n < hi
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh  # [TILE_N]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE_N], log2 units
+        visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out_rows = token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    store_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + out_rows, out.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:  # unnormalized partials, reduced by _reduce_splits_kernel
+        tl.store(out_ptr + out_rows + split * stride_os, acc, mask=store_mask)
+        ml = token * stride_mt + head * stride_mh + split
+        tl.store(m_ptr + ml, m_i, mask=row_ok)
+        tl.store(l_ptr + ml, l_i, mask=row_ok)
+
+
+@triton.jit
+def _reduce_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh,
+                          stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.load(m_ptr + token * stride_mt + head * stride_mh + splits)
+    l = tl.load(l_ptr + token * stride_mt + head * stride_mh + splits)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+    denom = tl.sum(l * w, 0)
+    part = tl.load(part_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + offs_d[None, :],
+                   mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    out = tl.sum(part * w[:, None], 0) / denom
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Segments per context so that a decode batch has about two programs per SM (a power of two)."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    want = (2 * sms) // max(1, num_seqs * num_kv_heads)
+    return 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
+
+
+def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None):
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    num_seqs = meta.block_tables.shape[0]
+    if out is None:
+        out = torch.empty_like(query)
+    if num_tokens == 0:
+        return out
+    decode = meta.max_query_len == 1
+    if decode:
+        block_q, tile_n, warps, stages = max(1, 16 // group_p), 64, 4, 3
+        splits = _decode_splits(num_seqs, num_kv_heads, query.device) if num_splits is None else num_splits
+    else:
+        block_q, tile_n, warps, stages = max(1, (128 if head_dim <= 128 else 64) // group_p), 64, 8, 2
+        splits = 1
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    window = sliding_window if sliding_window else 1 << 30
+    if splits > 1:
+        part = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+        m = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=query.device)
+        l = torch.empty_like(m)
+        target, strides = part, (part.stride(0), part.stride(1), part.stride(2))
+    else:
+        m = l = out
+        target, strides = out, (out.stride(0), out.stride(1), 0)
+    _paged_attention_kernel[grid](
+        query, k_cache, v_cache, target, m, l, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        scale * 1.4426950408889634, num_seqs, window,
+        query.stride(0), query.stride(1), *strides, m.stride(0) if splits > 1 else 0, m.stride(1) if splits > 1 else 0,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages,
+    )
+    if splits > 1:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            part, m, l, out, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            NUM_SPLITS=splits, num_warps=4,
+        )
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its cached context plus themselves.
+
+    Token t of a request at absolute position p attends to positions [max(0, p - window + 1), p].
+    """
+    if query.is_cuda:
+        return paged_attention_triton(query, kv_cache, meta, scale, sliding_window, out)
+    return paged_attention_reference(query, kv_cache, meta, scale, sliding_window, out)
