@@ -6,6 +6,7 @@ pinned on CUDA, copied non-blocking). It never decides who runs: the scheduler d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -25,6 +26,25 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+class StagingBuffer:
+    """A flat host buffer (pinned on CUDA) and its device twin, both allocated once.
+
+    Each step fills a prefix of the host side through numpy and uploads just that prefix with a
+    non-blocking copy. On CPU the two sides are one tensor.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(size, dtype=dtype, pin_memory=cuda)
+        self.device = torch.zeros(size, dtype=dtype, device=device) if cuda else self.host
+        self.np = self.host.numpy()
+
+    def upload(self, n: int) -> torch.Tensor:
+        if self.device is not self.host:
+            self.device[:n].copy_(self.host[:n], non_blocking=True)
+        return self.device[:n]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -38,15 +58,19 @@ class ModelRunner:
         self.max_num_tokens = config.scheduler.max_num_batched_tokens
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.max_blocks_per_seq = -(-mc.max_model_len // self.block_size)
-        pin = self.device.type == "cuda"
-        # Host staging buffers, filled through numpy views every step.
-        self.host_input_ids = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
-        self.host_positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
-        self.host_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
-        self.host_query_start = torch.zeros(self.max_num_seqs + 1, dtype=torch.int32, pin_memory=pin)
-        self.host_seq_lens = torch.zeros(self.max_num_seqs, dtype=torch.int32, pin_memory=pin)
-        self.host_block_tables = torch.zeros(self.max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
-        self.host_logits_idx = torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        dev = self.device
+        self.buf_input_ids = StagingBuffer(self.max_num_tokens, torch.int64, dev)
+        self.buf_positions = StagingBuffer(self.max_num_tokens, torch.int64, dev)
+        self.buf_slots = StagingBuffer(self.max_num_tokens, torch.int64, dev)
+        self.buf_query_start = StagingBuffer(self.max_num_seqs + 1, torch.int32, dev)
+        self.buf_seq_lens = StagingBuffer(self.max_num_seqs, torch.int32, dev)
+        # Block tables are packed [num_seqs, widest table of the step] at the front of the buffer.
+        self.buf_block_tables = StagingBuffer(self.max_num_seqs * self.max_blocks_per_seq, torch.int32, dev)
+        self.buf_logits_idx = StagingBuffer(self.max_num_seqs, torch.int64, dev)
+        self.host_sampled = torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        # The forward and sampling run on their own stream; an event says when the ids are home.
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.done_event = torch.cuda.Event() if dev.type == "cuda" else None
         generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.sampler = Sampler(generator)
         self.kv_caches: list[torch.Tensor] = []
@@ -122,6 +146,8 @@ class ModelRunner:
         dtype = self.config.cache.kv_cache_dtype
         try:
             self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(mc.num_layers)]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # the compute stream must see the zeroed cache
         except torch.OutOfMemoryError as e:
             self.kv_caches = []
             raise RuntimeError(
@@ -137,44 +163,39 @@ class ModelRunner:
         lens = np.fromiter((len(t) for t, _, _ in seqs), dtype=np.int64, count=num_seqs)
         starts = np.fromiter((p for _, p, _ in seqs), dtype=np.int64, count=num_seqs)
         num_tokens = int(lens.sum())
-        query_start = self.host_query_start.numpy()[: num_seqs + 1]
+        query_start = self.buf_query_start.np[: num_seqs + 1]
         query_start[0] = 0
         np.cumsum(lens, out=query_start[1:])
-        ids = self.host_input_ids.numpy()[:num_tokens]
-        ids[:] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64, count=num_tokens)
+        self.buf_input_ids.np[:num_tokens] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64,
+                                                         count=num_tokens)
         # positions: each request's run start..start+len, built without a Python loop over tokens
         seq_of_token = np.repeat(np.arange(num_seqs), lens)
-        positions = self.host_positions.numpy()[:num_tokens]
+        positions = self.buf_positions.np[:num_tokens]
         positions[:] = np.arange(num_tokens) - np.repeat(query_start[:-1], lens) + starts[seq_of_token]
-        tables = self.host_block_tables.numpy()[:num_seqs]
+        width = max(1, max(len(b) for _, _, b in seqs))
+        tables = self.buf_block_tables.np[: num_seqs * width].reshape(num_seqs, width)
         tables.fill(0)
         for i, (_, _, blocks) in enumerate(seqs):
             tables[i, : len(blocks)] = blocks
-        slots = self.host_slots.numpy()[:num_tokens]
-        slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
-        seq_lens = self.host_seq_lens.numpy()[:num_seqs]
+        slots = self.buf_slots.np[:num_tokens]
+        slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        seq_lens = self.buf_seq_lens.np[:num_seqs]
         seq_lens[:] = starts + lens
-        logits_idx = self.host_logits_idx.numpy()[: len(sample_rows)]
-        logits_idx[:] = query_start[1:][sample_rows] - 1
-
-        dev = self.device
-        non_blocking = dev.type == "cuda"
-
-        def to_dev(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dev, non_blocking=non_blocking) if non_blocking else t.clone()
+        self.buf_logits_idx.np[: len(sample_rows)] = query_start[1:][sample_rows] - 1
 
         meta = AttentionMetadata(
-            slot_mapping=to_dev(self.host_slots[:num_tokens]),
-            query_start_loc=to_dev(self.host_query_start[: num_seqs + 1]),
-            seq_lens=to_dev(self.host_seq_lens[:num_seqs]),
-            block_tables=to_dev(self.host_block_tables[:num_seqs, : max(1, max(len(b) for _, _, b in seqs))]),
+            slot_mapping=self.buf_slots.upload(num_tokens),
+            query_start_loc=self.buf_query_start.upload(num_seqs + 1),
+            seq_lens=self.buf_seq_lens.upload(num_seqs),
+            block_tables=self.buf_block_tables.upload(num_seqs * width).view(num_seqs, width),
             max_query_len=int(lens.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_host=query_start.tolist(),
             seq_lens_host=seq_lens.tolist(),
         )
-        return (to_dev(self.host_input_ids[:num_tokens]), to_dev(self.host_positions[:num_tokens]), meta,
-                to_dev(self.host_logits_idx[: len(sample_rows)]))
+        return (self.buf_input_ids.upload(num_tokens), self.buf_positions.upload(num_tokens), meta,
+                self.buf_logits_idx.upload(len(sample_rows)))
 
     @torch.inference_mode()
     def _forward_raw(self, seqs, sample_rows: list[int]) -> torch.Tensor:
@@ -196,11 +217,17 @@ class ModelRunner:
                 sample_rows.append(i)
                 params.append(r.sampling_params)
         result: list[int | None] = [None] * len(seqs)
-        logits = self._forward_raw(seqs, sample_rows)
-        if not sample_rows:
-            return result
-        batch = SamplingBatch.from_params(params, logits.shape[-1], self.device)
-        sampled = self.sampler(logits, batch).tolist()  # the step's one host sync
-        for row, token in zip(sample_rows, sampled):
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            logits = self._forward_raw(seqs, sample_rows)
+            if not sample_rows:
+                return result
+            batch = SamplingBatch.from_params(params, logits.shape[-1], self.device)
+            sampled = self.sampler(logits, batch)  # [rows] on the device
+            host = self.host_sampled[: len(sample_rows)]
+            host.copy_(sampled, non_blocking=True)
+            if self.done_event is not None:
+                self.done_event.record()
+                self.done_event.synchronize()  # the step's one host sync (in the worker thread)
+        for row, token in zip(sample_rows, host.tolist()):
             result[row] = token
         return result

@@ -1,0 +1,141 @@
+"""Kernel benchmarks on CUDA, each figure beside its roofline.
+
+Memory-bound kernels report bytes moved / time against the measured device-copy ceiling
+(3.0 TB/s on the H100 here); prefill attention reports TFLOP/s beside torch's
+scaled_dot_product_attention (flash backend) on equal shapes. Times are medians of
+triton.testing.do_bench (CUDA events), inputs random, rotated where they would fit in L2.
+
+  python benchmarks/kernels.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.activation import silu_and_mul_triton  # noqa: E402
+from kernels.attention import AttentionMetadata, paged_attention_triton  # noqa: E402
+from kernels.cache import write_kv_triton  # noqa: E402
+from kernels.layernorm import fused_add_rms_norm_triton  # noqa: E402
+from kernels.rotary import apply_rotary_triton, cos_sin_cache  # noqa: E402
+
+PEAK_BW = 3.0e12  # measured device copy, bytes/s
+PEAK_FLOPS = 790e12  # measured bf16 matmul
+
+
+def bench(fn, rep: int = 200) -> float:
+    """Median milliseconds."""
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def paged_batch(batch: int, context: int, q_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                block_size: int = 16, dtype=torch.bfloat16):
+    blocks_per_seq = -(-(context + q_len) // block_size)
+    num_blocks = batch * blocks_per_seq
+    kv = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    starts = [i * q_len for i in range(batch + 1)]
+    lens = [context + q_len] * batch
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(batch * q_len, dtype=torch.int64, device="cuda"),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"), block_tables=tables,
+        max_query_len=q_len, max_seq_len=context + q_len, query_start_loc_host=starts, seq_lens_host=lens,
+    )
+    q = torch.randn(batch * q_len, num_heads, head_dim, device="cuda", dtype=dtype)
+    return q, kv, meta
+
+
+def decode_attention(rows: list) -> None:
+    heads = (32, 8, 128)  # Llama-3.1-8B
+    for batch, context in [(1, 32768), (64, 4096), (256, 1024), (128, 2048)]:
+        q, kv, meta = paged_batch(batch, context - 1, 1, *heads)
+        out = torch.empty_like(q)
+        ms = bench(lambda: paged_attention_triton(q, kv, meta, 0.088, out=out))
+        kv_bytes = 2 * batch * context * heads[1] * heads[2] * 2
+        bw = kv_bytes / (ms * 1e-3)
+        rows.append({"kernel": "decode attention", "shape": f"{batch}x{context} (32q/8kv heads, d128, bf16)",
+                     "time_us": round(ms * 1e3, 1), "achieved": f"{bw / 1e12:.2f} TB/s",
+                     "roofline_pct": round(100 * bw / PEAK_BW, 1)})
+
+
+def prefill_attention(rows: list) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    num_heads, num_kv_heads, head_dim = 32, 8, 128
+    for batch, length in [(4, 4096), (16, 1024), (1, 16384)]:
+        q, kv, meta = paged_batch(batch, 0, length, num_heads, num_kv_heads, head_dim)
+        out = torch.empty_like(q)
+        ms = bench(lambda: paged_attention_triton(q, kv, meta, 0.088, out=out), rep=400)
+        flops = 2 * 2 * batch * num_heads * length * length * head_dim / 2  # causal: half the square
+        qs = torch.randn(batch, num_heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
+        ks = torch.randn(batch, num_heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
+        vs = torch.randn_like(ks)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True), rep=400)
+        ours, theirs = flops / (ms * 1e-3), flops / (sdpa_ms * 1e-3)
+        rows.append({"kernel": "prefill attention (paged, causal)", "shape": f"{batch}x{length} (32q/8kv, d128, bf16)",
+                     "time_us": round(ms * 1e3, 1), "achieved": f"{ours / 1e12:.0f} TFLOP/s",
+                     "roofline_pct": round(100 * ours / PEAK_FLOPS, 1),
+                     "sdpa_flash_tflops": round(theirs / 1e12, 1), "vs_sdpa_pct": round(100 * ours / theirs, 1)})
+
+
+def elementwise(rows: list) -> None:
+    tokens, hidden, inter = 8192, 4096, 14336
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: fused_add_rms_norm_triton(x, r, w, 1e-6))
+    add_row(rows, "fused add + RMSNorm", f"{tokens}x{hidden} bf16", ms, 4 * x.numel() * 2)
+    g = torch.randn(tokens, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: silu_and_mul_triton(g))
+    add_row(rows, "SiLU-and-mul", f"{tokens}x{inter} bf16", ms, g.numel() * 2 * 3 // 2)
+    qkv = torch.randn(tokens, 48 * 128, device="cuda", dtype=torch.bfloat16)
+    q, k = qkv[:, : 32 * 128].view(tokens, 32, 128), qkv[:, 32 * 128: 40 * 128].view(tokens, 8, 128)
+    cache = cos_sin_cache(1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128)), 131072).cuda()
+    pos = torch.randint(0, 131072, (tokens,), device="cuda")
+    ms = bench(lambda: apply_rotary_triton(pos, q, k, cache))
+    add_row(rows, "rotary (q and k in place)", f"{tokens} tokens, 32+8 heads d128", ms, 2 * 40 * 128 * 2 * tokens + tokens * 128 * 4)
+    kvc = torch.randn(2, 4096, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    kk = torch.randn(tokens, 8, 128, device="cuda", dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+    slots = torch.randperm(4096 * 16, device="cuda")[:tokens]
+    ms = bench(lambda: write_kv_triton(kk, vv, kvc, slots))
+    add_row(rows, "KV-cache write", f"{tokens} tokens, 8 kv heads d128", ms, 4 * kk.numel() * 2)
+
+
+def add_row(rows: list, name: str, shape: str, ms: float, nbytes: int) -> None:
+    bw = nbytes / (ms * 1e-3)
+    rows.append({"kernel": name, "shape": shape, "time_us": round(ms * 1e3, 1), "achieved": f"{bw / 1e12:.2f} TB/s",
+                 "roofline_pct": round(100 * bw / PEAK_BW, 1)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", choices=["decode", "prefill", "elementwise"])
+    args = parser.parse_args()
+    rows: list = []
+    for name, fn in (("decode", decode_attention), ("prefill", prefill_attention), ("elementwise", elementwise)):
+        if args.only in (None, name):
+            fn(rows)
+            torch.cuda.empty_cache()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| kernel | shape | time (us) | achieved | % of roofline | vs SDPA flash |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        vs = f"{r['vs_sdpa_pct']}% ({r['sdpa_flash_tflops']} TFLOP/s)" if "vs_sdpa_pct" in r else ""
+        print(f"| {r['kernel']} | {r['shape']} | {r['time_us']} | {r['achieved']} | {r['roofline_pct']}% | {vs} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
