@@ -87,6 +87,32 @@ def prefill_attention(rows: list) -> None:
                      "sdpa_flash_tflops": round(theirs / 1e12, 1), "vs_sdpa_pct": round(100 * ours / theirs, 1)})
 
 
+def sweep(rows: list) -> None:
+    """Time paged attention under every (rows, keys per tile, warps, stages) config; best first."""
+    import itertools
+
+    cases = {
+        "prefill 16x1024": (paged_batch(16, 0, 1024, 32, 8, 128), [(bm, tn, w, st) for bm, tn, w, st in itertools.product(
+            (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (bm == 128 and tn == 128 and st == 4)]),
+        "decode 64x4096": (paged_batch(64, 4095, 1, 32, 8, 128), list(itertools.product((16,), (32, 64, 128), (2, 4, 8), (2, 3, 4)))),
+        "decode 1x32768": (paged_batch(1, 32767, 1, 32, 8, 128), list(itertools.product((16,), (64, 128), (4, 8), (2, 3, 4)))),
+    }
+    for name, ((q, kv, meta), configs) in cases.items():
+        out = torch.empty_like(q)
+        timings = []
+        for config in configs:
+            try:
+                ms = bench(lambda config=config: paged_attention_triton(q, kv, meta, 0.088, out=out, config=config), rep=100)
+            except Exception as e:  # out of shared memory and the like
+                print(f"{name} {config}: {type(e).__name__}")
+                continue
+            timings.append((ms, config))
+        timings.sort()
+        for ms, config in timings[:5]:
+            rows.append({"kernel": f"sweep {name}", "shape": str(config), "time_us": round(ms * 1e3, 1),
+                         "achieved": "", "roofline_pct": ""})
+
+
 def elementwise(rows: list) -> None:
     tokens, hidden, inter = 8192, 4096, 14336
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
@@ -120,11 +146,12 @@ def add_row(rows: list, name: str, shape: str, ms: float, nbytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--only", choices=["decode", "prefill", "elementwise"])
+    parser.add_argument("--only", choices=["decode", "prefill", "elementwise", "sweep"])
     args = parser.parse_args()
     rows: list = []
-    for name, fn in (("decode", decode_attention), ("prefill", prefill_attention), ("elementwise", elementwise)):
-        if args.only in (None, name):
+    for name, fn in (("decode", decode_attention), ("prefill", prefill_attention), ("elementwise", elementwise),
+                     ("sweep", sweep)):
+        if args.only == name or (args.only is None and name != "sweep"):
             fn(rows)
             torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")

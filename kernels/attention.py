@@ -15,9 +15,8 @@ Nothing in the launch depends on device values, so the launch can be captured in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -161,6 +160,33 @@ def _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend(acc, m_i, l_i, q, q_pos, lo, hi, window, table, k_cache_ptr, v_cache_ptr, kv_head,
+            stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2,
+            BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax accumulation over keys [lo, hi). Unmasked tiles skip the causal test."""
+    for start in range(lo, hi, TILE_N):
+        offs_n = start + tl.arange(0, TILE_N)
+        n_ok = offs_n < hi
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh  # [TILE_N]
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE_N], log2 units
+        if MASKED:
+            visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
@@ -169,9 +195,10 @@ def _paged_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # Last tiles first: under the causal mask they have the most keys, so the tail of the grid is short.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq = _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q)
@@ -210,24 +237,19 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(lo, hi, TILE_N):
-        offs_n = start + tl.arange(0, TILE_N)
-        n_ok = offs_n < hi
-        block = tl.load(table + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        kv_off = block * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kv_head * stride_kh  # [TILE_N]
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE_N], log2 units
-        visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if HAS_WINDOW:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, hi, window, table, k_cache_ptr, v_cache_ptr, kv_head,
+                                stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2,
+                                BLOCK_SIZE, TILE_N, True, DOT_PRECISION)
+    else:
+        # Whole tiles before the first query position are visible to every row: no mask there.
+        mid = tl.minimum(tl.maximum((first_pos // TILE_N) * TILE_N, lo), hi)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, lo, mid, window, table, k_cache_ptr, v_cache_ptr, kv_head,
+                                stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2,
+                                BLOCK_SIZE, TILE_N, False, DOT_PRECISION)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, mid, hi, window, table, k_cache_ptr, v_cache_ptr, kv_head,
+                                stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2,
+                                BLOCK_SIZE, TILE_N, True, DOT_PRECISION)
 
     out_rows = token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     store_mask = row_ok[:, None] & d_ok[None, :]
@@ -250,10 +272,10 @@ def _reduce_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, stride_pt, stride_ph,
     splits = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     m = tl.load(m_ptr + token * stride_mt + head * stride_mh + splits)
-    l = tl.load(l_ptr + token * stride_mt + head * stride_mh + splits)
+    sums = tl.load(l_ptr + token * stride_mt + head * stride_mh + splits)
     m_max = tl.max(m, 0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
-    denom = tl.sum(l * w, 0)
+    denom = tl.sum(sums * w, 0)
     part = tl.load(part_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + offs_d[None, :],
                    mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     out = tl.sum(part * w[:, None], 0) / denom
@@ -273,7 +295,13 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> in
     return 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
 
 
-def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None):
+# (rows per program, keys per tile, warps, pipeline stages) for batches with and without prefill.
+DECODE_CONFIG = (16, 64, 4, 3)
+PREFILL_CONFIG = (128, 64, 8, 2)
+
+
+def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None,
+                           config: tuple[int, int, int, int] | None = None):
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -284,36 +312,37 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
     if num_tokens == 0:
         return out
     decode = meta.max_query_len == 1
+    block_m, tile_n, warps, stages = config or (DECODE_CONFIG if decode else PREFILL_CONFIG)
+    if head_dim > 128:
+        block_m = min(block_m, 64)
+    block_q = max(1, block_m // group_p)
+    splits = 1
     if decode:
-        block_q, tile_n, warps, stages = max(1, 16 // group_p), 64, 4, 3
         splits = _decode_splits(num_seqs, num_kv_heads, query.device) if num_splits is None else num_splits
-    else:
-        block_q, tile_n, warps, stages = max(1, (128 if head_dim <= 128 else 64) // group_p), 64, 8, 2
-        splits = 1
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     window = sliding_window if sliding_window else 1 << 30
     if splits > 1:
         part = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         m = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=query.device)
-        l = torch.empty_like(m)
+        sums = torch.empty_like(m)
         target, strides = part, (part.stride(0), part.stride(1), part.stride(2))
     else:
-        m = l = out
+        m = sums = out
         target, strides = out, (out.stride(0), out.stride(1), 0)
     _paged_attention_kernel[grid](
-        query, k_cache, v_cache, target, m, l, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        query, k_cache, v_cache, target, m, sums, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         scale * 1.4426950408889634, num_seqs, window,
         query.stride(0), query.stride(1), *strides, m.stride(0) if splits > 1 else 0, m.stride(1) if splits > 1 else 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=bool(sliding_window), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _reduce_splits_kernel[(num_tokens, num_heads)](
-            part, m, l, out, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+            part, m, sums, out, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
             out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
             NUM_SPLITS=splits, num_warps=4,
         )
