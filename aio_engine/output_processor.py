@@ -32,19 +32,31 @@ class RequestState:
         # Text that could still turn out to start a stop string is held back while streaming.
         self.holdback = 0 if self.include_stop or not self.stop else max(len(s) for s in self.stop) - 1
         self.text = ""
+        # Ids whose text the detokenizer still holds back (an incomplete character), and the
+        # released ids just before them as decoding context: flushed when the request finishes.
+        self.held_ids: list[int] = []
+        self.context_ids: list[int] = list(request.prompt_token_ids[-6:])
         self.num_tokens_seen = 0
         self.sent_text = 0  # chars of text already emitted (for DELTA)
         self.sent_tokens = 0
         self.metrics = RequestMetrics(arrival_time=request.arrival_time)
 
-    def add_tokens(self, token_ids: list[int]) -> str | None:
-        """Detokenize new tokens; return the stop string that matched, if any (text is cut there)."""
+    def add_tokens(self, token_ids: list[int], final: bool = False) -> str | None:
+        """Detokenize new tokens (and, if final, what is held back); return the stop string that
+        matched, if any (text is cut there)."""
         self.num_tokens_seen += len(token_ids)
         if self.detokenizer is None:
             return None
         before = len(self.text)
         for token in token_ids:
-            self.text += self.detokenizer.step(token)
+            piece = self.detokenizer.step(token)
+            self.held_ids.append(token)
+            if piece:
+                self.text += piece
+                self.context_ids = (self.context_ids + self.held_ids)[-6:]
+                self.held_ids = []
+        if final:
+            self.text += self._flush()
         if not self.stop or len(self.text) == before:
             return None
         longest = max(len(s) for s in self.stop)
@@ -59,6 +71,17 @@ class RequestState:
         idx, s = best
         self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
         return s
+
+    def _flush(self) -> str:
+        """The held-back tail as a one-shot decode shows it (a cut character becomes U+FFFD)."""
+        if not self.held_ids:
+            return ""
+        tokenizer, held, context = self.detokenizer.tokenizer, self.held_ids, self.context_ids
+        self.held_ids = []
+        kw = {"skip_special_tokens": self.request.sampling_params.skip_special_tokens,
+              "clean_up_tokenization_spaces": False}
+        prefix, full = tokenizer.decode(context, **kw), tokenizer.decode(context + held, **kw)
+        return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(held, **kw)
 
     def make_output(self, finished: bool) -> RequestOutput | None:
         """The output due now, or None if the stream interval has not been reached."""
@@ -111,7 +134,7 @@ class OutputProcessor:
             if state is None:
                 continue
             new = request.num_output_tokens - state.num_tokens_seen
-            stop = state.add_tokens(request.output_token_ids[-new:]) if new > 0 else None
+            stop = state.add_tokens(request.output_token_ids[-new:], request.status.finished) if new > 0 else None
             if stop is not None and not request.status.finished:
                 request.stop_reason = stop
                 finish(request.request_id, RequestStatus.FINISHED_STOPPED)
@@ -129,4 +152,7 @@ class OutputProcessor:
     def finish_external(self, request: Request) -> RequestOutput | None:
         """Final output for a request ended from outside the step (abort, error)."""
         state = self.states.pop(request.request_id, None)
-        return state.make_output(True) if state is not None else None
+        if state is None:
+            return None
+        state.add_tokens([], final=True)
+        return state.make_output(True)

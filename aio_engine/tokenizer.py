@@ -32,14 +32,19 @@ class IncrementalDetokenizer:
         self.spaces_between_special_tokens = spaces_between_special_tokens
         backend = getattr(tokenizer, "_tokenizer", None)
         self._stream = None
+        # Prime with the prompt's tail so the first output token decodes in context (leading spaces),
+        # cut back to a whole character: bytes of a character the prompt leaves open belong to the
+        # prompt, and an output token that continues them decodes as U+FFFD, as a one-shot decode does.
+        context = list(prompt_token_ids[-6:])
+        while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            context.pop()
         if backend is not None:
             from tokenizers.decoders import DecodeStream
 
-            # Prime with the prompt's tail so the first output token decodes in context (leading spaces).
             self._backend = backend
-            self._stream = DecodeStream(ids=prompt_token_ids[-6:], skip_special_tokens=skip_special_tokens)
+            self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         else:
-            self._ids: list[int] = list(prompt_token_ids[-6:])
+            self._ids: list[int] = context
             self._prefix_offset = 0
             self._read_offset = len(self._ids)
 

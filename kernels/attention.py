@@ -297,7 +297,7 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> in
 
 # (rows per program, keys per tile, warps, pipeline stages) for batches with and without prefill.
 DECODE_CONFIG = (16, 64, 4, 3)
-PREFILL_CONFIG = (128, 64, 8, 2)
+PREFILL_CONFIG = (128, 32, 4, 3)
 
 
 def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None,

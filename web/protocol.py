@@ -10,9 +10,8 @@ import time
 import uuid
 from typing import Any
 
-from sampling.params import RequestOutputKind, SamplingParams
-
 from aio_engine.outputs import RequestOutput
+from sampling.params import RequestOutputKind, SamplingParams
 
 
 class RequestError(ValueError):
