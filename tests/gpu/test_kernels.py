@@ -8,8 +8,18 @@ import torch
 from kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from kernels.attention import AttentionMetadata, paged_attention_reference, paged_attention_triton
 from kernels.cache import write_kv_reference, write_kv_triton
-from kernels.layernorm import fused_add_rms_norm_reference, fused_add_rms_norm_triton, rms_norm_reference, rms_norm_triton
-from kernels.rotary import apply_rotary_reference, apply_rotary_triton, cos_sin_cache, llama3_inv_freq
+from kernels.layernorm import (
+    fused_add_rms_norm_reference,
+    fused_add_rms_norm_triton,
+    rms_norm_reference,
+    rms_norm_triton,
+)
+from kernels.rotary import (
+    apply_rotary_reference,
+    apply_rotary_triton,
+    cos_sin_cache,
+    llama3_inv_freq,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run tests/gpu on the GPU machine)")
 
