@@ -154,3 +154,24 @@ def test_rotary_in_place_on_qkv_views_with_llama3_scaling(num_heads, num_kv_head
     apply_rotary_triton(pos, q, k, cache)
     assert rel_err(q, ref_q) < 1e-2 and rel_err(k, ref_k) < 1e-2
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
+
+
+def test_paged_attention_replays_in_a_cuda_graph_with_new_metadata():
+    """Captured once, replayed after the batch's lengths, block tables and cache changed in place."""
+    q, kv, meta = make_batch([(2047, 1)] * 4, 16, 8, 128, 16, torch.bfloat16, seed=11)
+    out = torch.empty_like(q)
+    paged_attention_triton(q, kv, meta, 0.088, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention_triton(q, kv, meta, 0.088, out=out)
+    new_q, new_kv, new_meta = make_batch([(1500, 1), (30, 1), (2000, 1), (64, 1)], 16, 8, 128, 16, torch.bfloat16, seed=12)
+    q.copy_(new_q)
+    kv[:, : new_kv.shape[1]].copy_(new_kv)
+    meta.seq_lens.copy_(new_meta.seq_lens)
+    meta.block_tables.zero_()
+    meta.block_tables[:, : new_meta.block_tables.shape[1]].copy_(new_meta.block_tables)
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = paged_attention_reference(new_q, new_kv, new_meta, 0.088)
+    assert rel_err(out, ref) < 1e-2

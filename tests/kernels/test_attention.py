@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from kernels.attention import AttentionMetadata, paged_attention, write_kv
+from kernels.attention import AttentionMetadata
+from tests.kernels.conftest import require_dtype
 
 NAN = float("nan")
 # (tokens already cached, new tokens) per request: prefill chunks over cached prefixes, fresh
@@ -75,12 +76,12 @@ def build_case(requests, block_size, num_heads, num_kv_heads, head_dim, dtype, s
     (1, 6, 1, 32),  # MQA, a block per token
     (16, 8, 2, 64),
 ])
-def test_paged_attention_matches_dense_causal_attention(block_size, num_heads, num_kv_heads, head_dim, window):
+def test_paged_attention_matches_dense_causal_attention(block_size, num_heads, num_kv_heads, head_dim, window, impl):
     query, keys, values, cache, meta = build_case(MIXED, block_size, num_heads, num_kv_heads, head_dim,
                                                   torch.float32, seed=block_size * 100 + head_dim)
     scale = head_dim ** -0.5
     out = torch.full_like(query, NAN)
-    result = paged_attention(query, cache, meta, scale, window, out=out)
+    result = impl.paged_attention(query, cache, meta, scale, window, out=out)
     assert result.data_ptr() == out.data_ptr()
     starts = meta.query_start_loc_host
     for i, (cached, _) in enumerate(MIXED):
@@ -90,9 +91,10 @@ def test_paged_attention_matches_dense_causal_attention(block_size, num_heads, n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_paged_attention_in_half_precision_stays_close_to_float64(dtype):
+def test_paged_attention_in_half_precision_stays_close_to_float64(dtype, impl):
+    require_dtype(impl, dtype)
     query, keys, values, cache, meta = build_case(MIXED, 8, 4, 2, 32, dtype, seed=7)
-    out = paged_attention(query, cache, meta, 32 ** -0.5, None, out=torch.full_like(query, NAN))
+    out = impl.paged_attention(query, cache, meta, 32 ** -0.5, None, out=torch.full_like(query, NAN))
     assert out.dtype == dtype
     starts = meta.query_start_loc_host
     for i, (cached, _) in enumerate(MIXED):
@@ -100,23 +102,24 @@ def test_paged_attention_in_half_precision_stays_close_to_float64(dtype):
         torch.testing.assert_close(out[starts[i]:starts[i + 1]].double(), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_paged_attention_without_out_allocates_one():
+def test_paged_attention_without_out_allocates_one(impl):
     query, keys, values, cache, meta = build_case([(3, 1), (0, 4)], 4, 2, 1, 8, torch.float32, seed=3)
-    out = paged_attention(query, cache, meta, 0.5)
+    out = impl.paged_attention(query, cache, meta, 0.5)
     expected = dense_attention(query[1:], keys[1], values[1], 0, 0.5, None)
     torch.testing.assert_close(out[1:].double(), expected, atol=2e-5, rtol=1e-4)
     assert not out.isnan().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_stores_each_token_at_its_slot_and_nowhere_else(dtype):
+def test_write_kv_stores_each_token_at_its_slot_and_nowhere_else(dtype, impl):
+    require_dtype(impl, dtype)
     gen = torch.Generator().manual_seed(11)
     num_blocks, block_size, num_kv_heads, head_dim = 6, 4, 2, 8
     cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), NAN, dtype=dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:10]
     key = torch.randn(10, num_kv_heads, head_dim, generator=gen)
     value = torch.randn(10, num_kv_heads, head_dim, generator=gen)
-    write_kv(key, value, cache, slots)
+    impl.write_kv(key, value, cache, slots)
     flat = cache.view(2, -1, num_kv_heads, head_dim)
     assert torch.equal(flat[0, slots], key.to(dtype))
     assert torch.equal(flat[1, slots], value.to(dtype))
@@ -126,3 +129,28 @@ def test_write_kv_stores_each_token_at_its_slot_and_nowhere_else(dtype):
     # block b, offset o is slot b * block_size + o
     b, o = divmod(int(slots[0]), block_size)
     assert torch.equal(cache[0, b, o], key[0].to(dtype))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4, 8])
+def test_split_k_decode_matches_dense_attention(num_splits, impl):
+    if impl.name == "torch":
+        pytest.skip("split-K is a property of the Triton kernel")
+    decodes = [(37, 1), (0, 1), (90, 1), (12, 1)]
+    query, keys, values, cache, meta = build_case(decodes, 8, 6, 2, 16, torch.float32, seed=num_splits)
+    from kernels.attention import paged_attention_triton
+
+    out = paged_attention_triton(query, cache, meta, 0.25, None, out=torch.full_like(query, NAN), num_splits=num_splits)
+    for i, (cached, _) in enumerate(decodes):
+        expected = dense_attention(query[i:i + 1], keys[i], values[i], cached, 0.25, None)
+        torch.testing.assert_close(out[i:i + 1].double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_write_kv_skips_padding_slots(impl):
+    cache = torch.full((2, 3, 4, 1, 8), NAN)
+    key, value = torch.randn(3, 1, 8), torch.randn(3, 1, 8)
+    impl.write_kv(key, value, cache, torch.tensor([5, -1, 0]))
+    flat = cache.view(2, -1, 1, 8)
+    assert torch.equal(flat[0, 5], key[0]) and torch.equal(flat[1, 0], value[2])
+    written = torch.zeros(12, dtype=torch.bool)
+    written[[0, 5]] = True
+    assert flat[:, ~written].isnan().all()

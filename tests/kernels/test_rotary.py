@@ -10,7 +10,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from aio_engine.models.layers import rope_cache
-from kernels.rotary import apply_rotary, llama3_inv_freq
+from kernels.rotary import llama3_inv_freq
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -32,7 +32,7 @@ def test_llama3_frequencies_match_transformers():
 
 @pytest.mark.parametrize("scaling, theta", [(LLAMA3, 10000.0), (None, 10000.0), (None, 1e6), (LLAMA3, 500000.0)])
 @pytest.mark.parametrize("head_dim", [16, 64])
-def test_apply_rotary_matches_transformers(head_dim, scaling, theta):
+def test_apply_rotary_matches_transformers(head_dim, scaling, theta, impl):
     config = llama_config(head_dim, scaling, theta)
     gen = torch.Generator().manual_seed(head_dim)
     num_tokens = 23
@@ -41,7 +41,7 @@ def test_apply_rotary_matches_transformers(head_dim, scaling, theta):
     k = torch.randn(num_tokens, 2, head_dim, generator=gen)
 
     cache = rope_cache(config, head_dim, 512)
-    q_ours, k_ours = apply_rotary(positions, q, k, cache)
+    q_ours, k_ours = impl.apply_rotary(positions, q.clone(), k.clone(), cache)  # Triton rotates in place
 
     rotary = LlamaRotaryEmbedding(config)
     cos, sin = rotary(q, positions[None, :])  # [1, num_tokens, head_dim]
@@ -50,12 +50,12 @@ def test_apply_rotary_matches_transformers(head_dim, scaling, theta):
     torch.testing.assert_close(k_ours, k_hf[0].transpose(0, 1), atol=2e-5, rtol=1e-5)
 
 
-def test_position_zero_is_the_identity_and_norms_are_kept():
+def test_position_zero_is_the_identity_and_norms_are_kept(impl):
     config = llama_config(16, LLAMA3)
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
     positions = torch.tensor([0, 100, 511])
-    q_rot, k_rot = apply_rotary(positions, q, k, rope_cache(config, 16, 512))
+    q_rot, k_rot = impl.apply_rotary(positions, q.clone(), k.clone(), rope_cache(config, 16, 512))
     torch.testing.assert_close(q_rot[0], q[0])
     torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
     torch.testing.assert_close(k_rot.norm(dim=-1), k.norm(dim=-1))
