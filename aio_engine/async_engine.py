@@ -105,8 +105,7 @@ class AsyncEngine:
             # Tokenizing a huge prompt takes long: keep the loop free.
             loop = asyncio.get_running_loop()
             _, prompt_token_ids = await loop.run_in_executor(None, self.core.tokenize_prompt, prompt)
-        request = self.core.add_request(request_id, prompt, params, priority, prompt_token_ids)
-        request_id = request.request_id
+        request_id = self.core.add_request(request_id, prompt, params, priority, prompt_token_ids)[0].parent_id
         collector = RequestCollector(params.output_kind)
         self._collectors[request_id] = collector
         self._wakeup.set()
@@ -158,10 +157,10 @@ class AsyncEngine:
                     continue
                 self._stepping = True
                 try:
-                    sampled = await loop.run_in_executor(self._executor, core.execute, sched)
+                    result = await loop.run_in_executor(self._executor, core.execute, sched)
                 finally:
                     self._stepping = False
-                for output in core.finish_step(sched, sampled):
+                for output in core.finish_step(sched, result):
                     self._deliver(output)
                 for request_id in self._pending_aborts:
                     self._abort_now_or_after_step(request_id)
@@ -170,7 +169,7 @@ class AsyncEngine:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # every waiting caller hears of it; the engine is dead
-            logger.exception("engine step failed; failing requests %s", list(core.scheduler.requests))
+            logger.exception("engine step failed; failing requests %s", list(core.outputs.parents))
             self.dead_error = e
             core.fail_all()
             error = EngineDeadError(f"engine step failed: {e!r}")

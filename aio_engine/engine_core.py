@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from dataclasses import replace
 from typing import Any
@@ -17,7 +18,7 @@ from sampling.params import SamplingParams
 
 from .config import EngineConfig
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepResult
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
@@ -43,6 +44,8 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
         self.eos_token_ids = self._eos_ids()
         self._ids = itertools.count()
+        # Seeds for requests that bring none: random per request, reproducible per engine seed.
+        self._seeds = random.Random(mc.seed)
         # Counters for metrics and tests.
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
@@ -83,13 +86,14 @@ class EngineCore:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, prompt_token_ids: list[int] | None = None) -> Request:
-        """Validate and queue a request; raises ValueError for anything the engine cannot serve."""
+                    priority: int = 0, prompt_token_ids: list[int] | None = None) -> list[Request]:
+        """Validate and queue a request (n sequences for n > 1); ValueError for anything the
+        engine cannot serve. Returns the queued sequences."""
         params = self.default_sampling_params() if params is None else params
-        if params.n != 1:
-            raise ValueError("n > 1 is not supported yet")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
+        if request_id in self.outputs.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
         if prompt_token_ids is None:
             text, prompt_token_ids = self.tokenize_prompt(prompt)
         else:
@@ -99,19 +103,53 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt token ids outside [0, {mc.vocab_size}): {bad[:5]}")
         params.validate_for_model(mc.vocab_size, mc.max_logprobs)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the engine runs with --skip-tokenizer-init)")
+        if (params.stop or params.bad_words) and self.tokenizer is None:
+            raise ValueError("stop strings and bad_words need a tokenizer (the engine runs with --skip-tokenizer-init)")
         if params.max_tokens is None:
             params = replace(params, max_tokens=max(1, mc.max_model_len - len(prompt_token_ids)))
-        request = Request(request_id, prompt_token_ids, params, self.eos_token_ids, priority)
-        self.scheduler.add_request(request)
-        self.outputs.add(request, text)
-        return request
+        bad_words_ids = self._bad_words_ids(params.bad_words or [])
+        samples: list[Request] = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(62)
+            share_prefix = i > 0 and self.config.cache.enable_prefix_caching
+            samples.append(Request(
+                request_id if params.n == 1 else f"{i}_{request_id}", prompt_token_ids, params, self.eos_token_ids,
+                priority, seed=seed, bad_words_ids=bad_words_ids, index=i, parent_id=request_id,
+                wait_for=samples[0] if share_prefix else None,
+            ))
+        added: list[Request] = []
+        try:
+            for sample in samples:
+                self.scheduler.add_request(sample)
+                added.append(sample)
+        except ValueError:
+            for sample in added:
+                self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED)
+            raise
+        self.outputs.add(samples, text)
+        return samples
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, with and without a leading space (as vLLM bans them)."""
+        if not words:
+            return []
+        ids: list[list[int]] = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                tokens = self.tokenizer(variant, add_special_tokens=False).input_ids
+                if tokens and tokens not in ids:
+                    ids.append(tokens)
+        return ids
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> RequestOutput | None:
-        """End a request now and free its blocks; its final output, or None for unknown ids."""
-        request = self.scheduler.finish_request(request_id, status)
-        return self.outputs.finish_external(request) if request is not None else None
+        """End a request (all its samples) now and free its blocks; its final output, or None
+        for unknown ids."""
+        final = None
+        for sample_id in self.outputs.sample_ids(request_id):
+            request = self.scheduler.finish_request(sample_id, status)
+            if request is not None:
+                final = self.outputs.finish_external(request) or final
+        return final
 
     @property
     def has_unfinished(self) -> bool:
@@ -129,12 +167,12 @@ class EngineCore:
                     sched.num_new_tokens, sched.request.num_prompt_tokens - sched.request.num_computed_tokens)
         return out
 
-    def execute(self, out: SchedulerOutput) -> list[int | None]:
+    def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out)
 
-    def finish_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+    def finish_step(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self.num_steps += 1
-        changed = self.scheduler.update_after_step(out, sampled)
+        changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
         return self.outputs.process(changed, self.scheduler.finish_request)
 
@@ -146,7 +184,9 @@ class EngineCore:
 
     def fail_all(self) -> list[str]:
         """After an error in a step: finish every request and free its blocks; their ids."""
-        ids = list(self.scheduler.requests)
+        ids = list(self.outputs.parents)
         for request_id in ids:
             self.abort(request_id, RequestStatus.FINISHED_ERROR)
+        for request_id in list(self.scheduler.requests):  # sequences without an output state
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
         return ids

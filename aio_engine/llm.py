@@ -38,8 +38,8 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
                 params = params.clone()
                 params.output_kind = RequestOutputKind.FINAL_ONLY
-                request = self.core.add_request(None, prompt, params, priority[i] if priority else 0)
-                order[request.request_id] = i
+                samples = self.core.add_request(None, prompt, params, priority[i] if priority else 0)
+                order[samples[0].parent_id] = i
             results: list[RequestOutput | None] = [None] * len(prompts)
             with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm) as bar:
                 while self.core.has_unfinished:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kernels.attention import AttentionMetadata
+from sampling.metadata import SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
-from sampling.sampler import Sampler, SamplingBatch
+from sampling.sampler import Sampler
 
 from .config import EngineConfig
 from .loader import load_model
@@ -71,8 +73,8 @@ class ModelRunner:
         # The forward and sampling run on their own stream; an event says when the ids are home.
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.done_event = torch.cuda.Event() if dev.type == "cuda" else None
-        generator = torch.Generator(device=self.device).manual_seed(mc.seed)
-        self.sampler = Sampler(generator)
+        self.sampler = Sampler()
+        self.logprobs_mode = mc.logprobs_mode
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
 
@@ -120,8 +122,9 @@ class ModelRunner:
             # The sampler's worst case too: every seat sampling with top-k and top-p.
             vocab = self.config.model.vocab_size
             logits = torch.randn(self.max_num_seqs, vocab, device=self.device)
-            worst = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9)] * self.max_num_seqs
-            self.sampler(logits, SamplingBatch.from_params(worst, vocab, self.device))
+            worst = [SamplingRow(SamplingParams(temperature=1.0, top_p=0.9, logprobs=20), seed=i, step=0)
+                     for i in range(self.max_num_seqs)]
+            self.sampler(logits, SamplingMetadata.build(worst, vocab, self.device))
             del logits
             torch.cuda.synchronize()
         except torch.OutOfMemoryError as e:
@@ -198,36 +201,97 @@ class ModelRunner:
                 self.buf_logits_idx.upload(len(sample_rows)))
 
     @torch.inference_mode()
-    def _forward_raw(self, seqs, sample_rows: list[int]) -> torch.Tensor:
+    def _forward_raw(self, seqs, sample_rows: list[int]):
+        """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata)."""
         input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[logits_idx])  # [len(sample_rows), vocab]
+        return hidden, self.model.compute_logits(hidden[logits_idx]), meta  # logits [len(sample_rows), vocab]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int | None]:
-        """Run one step; the sampled token of each scheduled request (None for partial prefills)."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one step: the sampled token of each scheduled request (None for partial prefills),
+        with logprobs and prompt logprobs where asked."""
         seqs = []
         sample_rows: list[int] = []
-        params = []
+        rows: list[SamplingRow] = []
+        prompt_spans: list[tuple[int, int, int]] = []  # (row, first, last): positions whose next token is known
         for i, sched in enumerate(out.scheduled):
             r = sched.request
             start = r.num_computed_tokens
             seqs.append((r.all_token_ids[start : start + sched.num_new_tokens], start, r.block_ids))
             if sched.samples:
                 sample_rows.append(i)
-                params.append(r.sampling_params)
-        result: list[int | None] = [None] * len(seqs)
+                rows.append(SamplingRow(r.sampling_params, r.seed, r.num_output_tokens, r.output_token_ids,
+                                        r.prompt_token_ids, r.banned_token_ids()))
+            if r.sampling_params.prompt_logprobs is not None:
+                last = min(start + sched.num_new_tokens, r.num_prompt_tokens - 1)
+                if last > start:
+                    prompt_spans.append((i, start, last))
+        result = StepResult([None] * len(seqs))
+        if not seqs:
+            return result
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            logits = self._forward_raw(seqs, sample_rows)
-            if not sample_rows:
-                return result
-            batch = SamplingBatch.from_params(params, logits.shape[-1], self.device)
-            sampled = self.sampler(logits, batch)  # [rows] on the device
-            host = self.host_sampled[: len(sample_rows)]
-            host.copy_(sampled, non_blocking=True)
+            hidden, logits, meta = self._forward_raw(seqs, sample_rows)
+            prompt_lp = self._prompt_logprobs(hidden, meta, prompt_spans, out) if prompt_spans else None
+            sampled = None
+            if sample_rows:
+                md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode)
+                sampled = self.sampler(logits, md)
+                host = self.host_sampled[: len(sample_rows)]
+                host.copy_(sampled.token_ids, non_blocking=True)
             if self.done_event is not None:
                 self.done_event.record()
                 self.done_event.synchronize()  # the step's one host sync (in the worker thread)
+        if prompt_lp is not None:
+            result.prompt_logprobs = prompt_lp()
+        if sampled is None:
+            return result
         for row, token in zip(sample_rows, host.tolist()):
-            result[row] = token
+            result.tokens[row] = token
+        if sampled.logprob_ids is not None:
+            ids, values, ranks = sampled.logprob_ids.tolist(), sampled.logprob_values.tolist(), sampled.sampled_rank.tolist()
+            result.logprobs = [None] * len(seqs)
+            for j, row in enumerate(sample_rows):
+                n = rows[j].params.logprobs
+                if n is not None:
+                    keep = 1 + (len(ids[j]) - 1 if n == -1 else n)
+                    result.logprobs[row] = (ids[j][:keep], values[j][:keep], ranks[j])
         return result
+
+    def _prompt_logprobs(self, hidden, meta, spans, out: SchedulerOutput):
+        """Logprobs of each prompt token given the ones before it, for the requests that ask.
+        Returns a thunk to call after the step's sync: {row: [(ids, values, rank), ...]}."""
+        starts = meta.query_start_loc_host
+        index, targets, owners = [], [], []
+        for row, first, last in spans:
+            request = out.scheduled[row].request
+            offset = starts[row] - request.num_computed_tokens
+            index.extend(range(offset + first, offset + last))
+            targets.extend(request.prompt_token_ids[first + 1 : last + 1])
+            owners.append((row, last - first, request.sampling_params.prompt_logprobs))
+        logprobs = self.model.compute_logits(hidden[torch.tensor(index, device=self.device)]).log_softmax(dim=-1)
+        target = torch.tensor(targets, device=self.device)[:, None]
+        chosen = logprobs.gather(1, target)
+        top_n = max(n if n != -1 else logprobs.shape[1] for _, _, n in owners)
+        top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (chosen[:, :0], target[:, :0])
+        ranks = (logprobs > chosen).sum(dim=-1) + 1
+
+        def collect() -> dict[int, list]:
+            ids = torch.cat([target, top_ids], dim=1).tolist()
+            values = torch.cat([chosen, top_values], dim=1).tolist()
+            rank_list = ranks.tolist()
+            result, k = {}, 0
+            for row, count, n in owners:
+                keep = 1 + (top_n if n == -1 else n)
+                result[row] = [(ids[k + j][:keep], values[k + j][:keep], rank_list[k + j]) for j in range(count)]
+                k += count
+            return result
+
+        return collect
+
+
+@dataclass
+class StepResult:
+    tokens: list[int | None]  # per scheduled request
+    logprobs: list | None = None  # per scheduled request: (ids, values, sampled rank) or None
+    prompt_logprobs: dict[int, list] | None = None  # scheduled index -> one entry per prompt position

@@ -1,7 +1,9 @@
-"""OutputProcessor: new token ids -> text, stop strings, and RequestOutputs at the stream interval.
+"""OutputProcessor: new token ids -> text, stop strings, logprobs, and RequestOutputs at the
+stream interval.
 
-One RequestState per request holds its detokenizer and what has been emitted. Stop strings are
-found here (they need text); the engine then finishes the request in the scheduler.
+One SampleState per sequence (a request with n > 1 has n of them) holds its detokenizer and what
+it has emitted; one ParentState per request gathers its samples into RequestOutputs. Stop strings
+are found here (they need text); the engine then finishes the sequence in the scheduler.
 """
 
 from __future__ import annotations
@@ -10,18 +12,16 @@ import time
 
 from sampling.params import RequestOutputKind
 
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
 from .tokenizer import IncrementalDetokenizer
 
 
-class RequestState:
-    def __init__(self, request: Request, prompt: str | None, tokenizer, stream_interval: int) -> None:
+class SampleState:
+    def __init__(self, request: Request, tokenizer) -> None:
         params = request.sampling_params
         self.request = request
-        self.prompt = prompt
-        self.kind = params.output_kind
-        self.stream_interval = stream_interval
+        self.tokenizer = tokenizer
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens,
                                    params.spaces_between_special_tokens)
@@ -33,13 +33,13 @@ class RequestState:
         self.holdback = 0 if self.include_stop or not self.stop else max(len(s) for s in self.stop) - 1
         self.text = ""
         # Ids whose text the detokenizer still holds back (an incomplete character), and the
-        # released ids just before them as decoding context: flushed when the request finishes.
+        # released ids just before them as decoding context: flushed when the sequence finishes.
         self.held_ids: list[int] = []
         self.context_ids: list[int] = list(request.prompt_token_ids[-6:])
         self.num_tokens_seen = 0
         self.sent_text = 0  # chars of text already emitted (for DELTA)
         self.sent_tokens = 0
-        self.metrics = RequestMetrics(arrival_time=request.arrival_time)
+        self.final_sent = False
 
     def add_tokens(self, token_ids: list[int], final: bool = False) -> str | None:
         """Detokenize new tokens (and, if final, what is held back); return the stop string that
@@ -83,56 +83,118 @@ class RequestState:
         prefix, full = tokenizer.decode(context, **kw), tokenizer.decode(context + held, **kw)
         return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(held, **kw)
 
-    def make_output(self, finished: bool) -> RequestOutput | None:
-        """The output due now, or None if the stream interval has not been reached."""
+    def due(self, stream_interval: int, kind: RequestOutputKind) -> bool:
+        if self.request.status.finished:
+            return not self.final_sent
+        return kind != RequestOutputKind.FINAL_ONLY and self.num_tokens_seen - self.sent_tokens >= stream_interval
+
+    def completion(self, kind: RequestOutputKind) -> CompletionOutput:
+        """Everything so far (CUMULATIVE, FINAL_ONLY) or what is new since the last call (DELTA)."""
         request = self.request
-        new_tokens = self.num_tokens_seen - self.sent_tokens
-        if not finished:
-            if self.kind == RequestOutputKind.FINAL_ONLY or new_tokens < self.stream_interval:
-                return None
+        finished = request.status.finished
         visible = len(self.text) if finished else max(self.sent_text, len(self.text) - self.holdback)
+        delta = kind == RequestOutputKind.DELTA
+        start_text, start_tok = (self.sent_text, self.sent_tokens) if delta else (0, 0)
         output_ids = request.output_token_ids
-        if self.kind == RequestOutputKind.DELTA:
-            text = self.text[self.sent_text:visible]
-            token_ids = output_ids[self.sent_tokens:]
-        else:
-            text = self.text[:visible]
-            token_ids = list(output_ids)
+        completion = CompletionOutput(
+            index=request.index, text=self.text[start_text:visible], token_ids=output_ids[start_tok:self.num_tokens_seen],
+            finish_reason=request.status.finish_reason if finished else None,
+            stop_reason=request.stop_reason if finished else None,
+        )
+        if request.sampling_params.logprobs is not None:
+            completion.logprobs = [self._logprob_dict(e) for e in request.logprobs[start_tok:self.num_tokens_seen]]
+            completion.cumulative_logprob = request.cumulative_logprob
         self.sent_text, self.sent_tokens = visible, self.num_tokens_seen
+        self.final_sent = finished
+        return completion
+
+    def _logprob_dict(self, entry: tuple[list[int], list[float], int]) -> dict[int, Logprob]:
+        ids, values, rank = entry
+        return logprob_dict(ids, values, rank, self.tokenizer)
+
+
+def logprob_dict(ids: list[int], values: list[float], rank: int, tokenizer) -> dict[int, Logprob]:
+    """ids[0] is the chosen token (rank given), then the top tokens in order (ranks 1..N)."""
+    def decode(token: int) -> str | None:
+        return tokenizer.decode([token]) if tokenizer is not None else None
+
+    result = {ids[0]: Logprob(values[0], rank, decode(ids[0]))}
+    for i, (token, value) in enumerate(zip(ids[1:], values[1:]), start=1):
+        result.setdefault(token, Logprob(value, i, decode(token)))
+    return result
+
+
+class ParentState:
+    """One request as its caller sees it: n samples gathered into RequestOutputs."""
+
+    def __init__(self, samples: list[Request], prompt: str | None, tokenizer, stream_interval: int) -> None:
+        first = samples[0]
+        self.request_id = first.parent_id
+        self.prompt = prompt
+        self.prompt_token_ids = first.prompt_token_ids
+        self.kind = first.sampling_params.output_kind
+        self.stream_interval = stream_interval
+        self.tokenizer = tokenizer
+        self.samples = [SampleState(r, tokenizer) for r in samples]
+        self.metrics = RequestMetrics(arrival_time=first.arrival_time)
+        self.prompt_logprobs_sent = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.status.finished for s in self.samples)
+
+    def make_output(self) -> RequestOutput | None:
+        """The output due now, or None (stream interval not reached; FINAL_ONLY before the end)."""
+        finished = self.finished
+        due = [s for s in self.samples if s.due(self.stream_interval, self.kind)]
+        if not due or (self.kind == RequestOutputKind.FINAL_ONLY and not finished):
+            return None
+        chosen = due if self.kind == RequestOutputKind.DELTA else self.samples
+        outputs = [s.completion(self.kind) for s in chosen]
         now = time.monotonic()
-        if self.metrics.first_token_time is None and output_ids:
+        if self.metrics.first_token_time is None and any(o.token_ids for o in outputs):
             self.metrics.first_token_time = now
         self.metrics.last_token_time = now
         if finished:
             self.metrics.finished_time = now
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=token_ids,
-            finish_reason=request.status.finish_reason if finished else None,
-            stop_reason=request.stop_reason if finished else None,
+        first = self.samples[0].request
+        self.metrics.first_scheduled_time = first.first_scheduled_time
+        out = RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids, outputs=outputs,
+            finished=finished, num_cached_tokens=max(first.num_cached_tokens, 0), metrics=self.metrics,
         )
-        return RequestOutput(
-            request_id=request.request_id, prompt=self.prompt, prompt_token_ids=request.prompt_token_ids,
-            outputs=[completion], finished=finished, num_cached_tokens=max(request.num_cached_tokens, 0),
-            metrics=self.metrics,
-        )
+        if first.sampling_params.prompt_logprobs is not None and (not self.prompt_logprobs_sent or self.kind != RequestOutputKind.DELTA):
+            out.prompt_logprobs = [None] + [logprob_dict(*e, self.tokenizer) for e in first.prompt_logprobs]
+            self.prompt_logprobs_sent = True
+        return out
 
 
 class OutputProcessor:
     def __init__(self, tokenizer, stream_interval: int) -> None:
         self.tokenizer = tokenizer
         self.stream_interval = stream_interval
-        self.states: dict[str, RequestState] = {}
+        self.parents: dict[str, ParentState] = {}
+        self.sample_of: dict[str, tuple[ParentState, SampleState]] = {}
 
-    def add(self, request: Request, prompt: str | None) -> None:
-        self.states[request.request_id] = RequestState(request, prompt, self.tokenizer, self.stream_interval)
+    def add(self, samples: list[Request], prompt: str | None) -> None:
+        parent = ParentState(samples, prompt, self.tokenizer, self.stream_interval)
+        self.parents[parent.request_id] = parent
+        for state in parent.samples:
+            self.sample_of[state.request.request_id] = (parent, state)
+
+    def sample_ids(self, request_id: str) -> list[str]:
+        """The sequence ids behind a request id (itself when n == 1)."""
+        parent = self.parents.get(request_id)
+        return [s.request.request_id for s in parent.samples] if parent else [request_id]
 
     def process(self, changed: list[Request], finish) -> list[RequestOutput]:
         """Detokenize the step's new tokens; `finish(request_id, status)` ends stop-string matches."""
-        outputs: list[RequestOutput] = []
+        touched: dict[str, ParentState] = {}
         for request in changed:
-            state = self.states.get(request.request_id)
-            if state is None:
+            entry = self.sample_of.get(request.request_id)
+            if entry is None:
                 continue
+            parent, state = entry
             new = request.num_output_tokens - state.num_tokens_seen
             stop = state.add_tokens(request.output_token_ids[-new:], request.status.finished) if new > 0 else None
             if stop is not None and not request.status.finished:
@@ -141,18 +203,22 @@ class OutputProcessor:
             elif stop is not None:  # the same token also hit eos/length: the stop string wins
                 request.stop_reason = stop
                 request.status = RequestStatus.FINISHED_STOPPED
-            finished = request.status.finished
-            out = state.make_output(finished)
-            if out is not None:
-                outputs.append(out)
-            if finished:
-                del self.states[request.request_id]
-        return outputs
+            touched[parent.request_id] = parent
+        return [out for parent in touched.values() if (out := self._emit(parent)) is not None]
 
     def finish_external(self, request: Request) -> RequestOutput | None:
-        """Final output for a request ended from outside the step (abort, error)."""
-        state = self.states.pop(request.request_id, None)
-        if state is None:
+        """Output for a sequence ended from outside the step (abort, error)."""
+        entry = self.sample_of.get(request.request_id)
+        if entry is None:
             return None
+        parent, state = entry
         state.add_tokens([], final=True)
-        return state.make_output(True)
+        return self._emit(parent)
+
+    def _emit(self, parent: ParentState) -> RequestOutput | None:
+        out = parent.make_output()
+        if parent.finished:
+            del self.parents[parent.request_id]
+            for s in parent.samples:
+                self.sample_of.pop(s.request.request_id, None)
+        return out

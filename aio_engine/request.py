@@ -31,7 +31,9 @@ class Request:
     """Tokens and progress of one sequence. `num_computed_tokens` counts tokens whose KV is cached."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 eos_token_ids: tuple[int, ...] = (), priority: int = 0, arrival_time: float | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] = (), priority: int = 0, arrival_time: float | None = None,
+                 seed: int = 0, bad_words_ids: list[list[int]] | None = None, index: int = 0,
+                 parent_id: str | None = None, wait_for: Request | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -46,6 +48,18 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
+        # Sampling: the seed of this request's random stream (the step is its output length).
+        self.seed = seed
+        self.bad_words_ids = bad_words_ids or []
+        # Logprobs as the runner returns them: per output token (ids, values, sampled rank).
+        self.logprobs: list[tuple[list[int], list[float], int]] = []
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list = []
+        # n > 1: this is sample `index` of parent `parent_id`; samples after the first wait for
+        # the first's prompt to be computed, so that they find it in the prefix cache.
+        self.index = index
+        self.parent_id = parent_id or request_id
+        self.wait_for = wait_for
         # Filled by the KV-cache manager.
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
@@ -64,6 +78,20 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def banned_token_ids(self) -> list[int]:
+        """Tokens this request may not sample next: stop tokens before min_tokens, bad-word endings."""
+        params = self.sampling_params
+        banned: list[int] = []
+        if self.num_output_tokens < params.min_tokens:
+            if not params.ignore_eos:
+                banned.extend(self.eos_token_ids)
+            banned.extend(params.stop_token_ids)
+        for word in self.bad_words_ids:
+            prefix = word[:-1]
+            if not prefix or self.all_token_ids[len(self.all_token_ids) - len(prefix):] == prefix:
+                banned.append(word[-1])
+        return banned
 
     def sort_key(self) -> tuple[int, float]:
         """Order under the priority policy: lower priority value first, then arrival."""

@@ -165,6 +165,9 @@ class Scheduler:
         # 2. Admit waiting requests while budget, seats and blocks allow (none if anyone was preempted).
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             request = self.waiting.peek()
+            first = request.wait_for
+            if first is not None and not first.status.finished and first.num_computed_tokens < first.num_prompt_tokens:
+                break  # a later sample of an n > 1 request: its prompt will come from the prefix cache
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
             remaining = request.num_tokens - num_cached
@@ -184,19 +187,25 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def update_after_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish by eos/stop ids/length. Returns
-        the requests that got a new token (finished ones included, already freed)."""
+    def update_after_step(self, out: SchedulerOutput, tokens: list[int | None], logprobs: list | None = None,
+                          prompt_logprobs: dict | None = None) -> list[Request]:
+        """Advance computed counts, append sampled tokens (and logprobs), finish by eos/stop
+        ids/length. Returns the requests that got a new token (finished ones included, freed)."""
         changed: list[Request] = []
-        for sched, token in zip(out.scheduled, sampled):
+        for i, (sched, token) in enumerate(zip(out.scheduled, tokens)):
             request = sched.request
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += sched.num_new_tokens
             self.kv.cache_full_blocks(request, request.num_computed_tokens)
+            if prompt_logprobs and i in prompt_logprobs:
+                request.prompt_logprobs.extend(prompt_logprobs[i])
             if token is None:
                 continue
             request.append_token(token)
+            if logprobs is not None and logprobs[i] is not None:
+                request.logprobs.append(logprobs[i])
+                request.cumulative_logprob += logprobs[i][1][0]
             status = self._check_stop(request, token)
             if status is not None:
                 self.finish_request(request.request_id, status)

@@ -1,8 +1,10 @@
-"""The batched sampler: one pass over the logits of all sampling rows of a step.
+"""The batched sampler: one pass over a step's logits for every sampling row.
 
-Greedy rows take the argmax; the others apply temperature, top-k, top-p and min-p and draw with
-the exponential-race (Gumbel-max) trick, which needs no sort and no host sync. Issue 4 adds
-penalties, logit bias, seeded counter-based draws and logprobs.
+Order, as vLLM applies it: allowed-token lists, banned tokens (min_tokens, bad words) and
+logit_bias; then repetition / frequency / presence penalties; greedy rows take the argmax of
+that. Random rows divide by their temperature, keep what min-p, top-k and top-p allow, and draw
+by Gumbel-max with counter-based noise keyed by (seed, step, token id), so a seeded request's
+tokens do not depend on the batch. No host sync here: the caller copies the ids out.
 """
 
 from __future__ import annotations
@@ -11,76 +13,137 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import SamplingParams
+from kernels.sampling import gumbel_argmax, gumbel_noise_reference
+
+from .metadata import SamplingMetadata
+
+NEG_INF = float("-inf")
 
 
 @dataclass
-class SamplingBatch:
-    """Per-row sampling parameters as tensors, built once per step by the runner."""
-
-    temperature: torch.Tensor  # [rows] float32, 0 for greedy rows
-    top_k: torch.Tensor  # [rows] int64, vocab size where off
-    top_p: torch.Tensor  # [rows] float32
-    min_p: torch.Tensor  # [rows] float32
-    all_greedy: bool
-    any_top_k: bool
-    any_top_p: bool
-    any_min_p: bool
-
-    @classmethod
-    def from_params(cls, params: list[SamplingParams], vocab_size: int, device: torch.device) -> SamplingBatch:
-        temps = [0.0 if p.greedy else p.temperature for p in params]
-        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        return cls(
-            temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
-            top_k=torch.tensor(top_k, dtype=torch.int64).to(device, non_blocking=True),
-            top_p=torch.tensor(top_p, dtype=torch.float32).to(device, non_blocking=True),
-            min_p=torch.tensor(min_p, dtype=torch.float32).to(device, non_blocking=True),
-            all_greedy=all(t == 0.0 for t in temps),
-            any_top_k=any(k < vocab_size for k in top_k),
-            any_top_p=any(p < 1.0 for p in top_p),
-            any_min_p=any(p > 0.0 for p in min_p),
-        )
+class SamplerOutput:
+    token_ids: torch.Tensor  # [rows] int64
+    # With logprobs: the sampled token then the top-N, their values, and the sampled token's rank.
+    logprob_ids: torch.Tensor | None = None  # [rows, N + 1] int64
+    logprob_values: torch.Tensor | None = None  # [rows, N + 1] float32
+    sampled_rank: torch.Tensor | None = None  # [rows] int64, 1 = the most likely
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
-
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """float32 logits [rows, vocab] -> sampled ids [rows] int64."""
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        """float32 logits [rows, vocab] (modified in place) -> SamplerOutput."""
+        raw = None
+        if md.num_logprobs >= 0 and md.logprobs_mode.startswith("raw"):
+            raw = _as_mode(logits, md.logprobs_mode)
+        apply_logits_processors(logits, md)
+        apply_penalties(logits, md)
         greedy = logits.argmax(dim=-1)
-        if batch.all_greedy:
-            return greedy
-        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-        logits = logits / temperature[:, None]
-        if batch.any_top_k or batch.any_top_p:
-            logits = apply_top_k_top_p(logits, batch.top_k if batch.any_top_k else None,
-                                       batch.top_p if batch.any_top_p else None)
-        probs = torch.softmax(logits, dim=-1)
-        if batch.any_min_p:
-            threshold = probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a sort or sync.
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(batch.temperature > 0, sampled, greedy)
+        processed = None
+        if md.all_greedy:
+            tokens = greedy
+            if md.num_logprobs >= 0 and raw is None:
+                processed = _as_mode(logits, md.logprobs_mode)
+        else:
+            temperature = md.temperature
+            inv_temp = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-6), 1.0)
+            floor = torch.full_like(inv_temp, NEG_INF)
+            if md.min_p is not None:
+                # z = logit / T stays if z >= max z + log(min_p), i.e. logit >= max + T log(min_p)
+                log_min_p = torch.log(md.min_p.clamp(min=1e-30))
+                floor = torch.where(md.min_p > 0, logits.max(dim=-1).values + log_min_p / inv_temp, floor)
+            tokens = gumbel_argmax(logits, md.keys, inv_temp, floor)
+            if md.candidate_rows is not None:
+                rows = md.candidate_rows
+                tokens[rows] = _sample_candidates(logits[rows] * inv_temp[rows, None], md, rows, floor[rows] * inv_temp[rows])
+            tokens = torch.where(temperature > 0, tokens, greedy)
+            if md.num_logprobs >= 0 and raw is None:
+                processed = _as_mode(_processed_logits(logits, md, inv_temp, floor), md.logprobs_mode)
+        out = SamplerOutput(tokens)
+        if md.num_logprobs >= 0:
+            _gather_logprobs(out, raw if raw is not None else processed, md.num_logprobs)
+        return out
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask (to -inf) the logits outside each row's top-k and top-p nucleus."""
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
-    vocab = logits.shape[-1]
-    if top_k is not None:
-        # Keep the last top_k entries of the ascending sort.
-        kth = sorted_logits.gather(1, (vocab - top_k.clamp(1, vocab))[:, None])
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    if top_p is not None:
-        probs = sorted_logits.softmax(dim=-1)
-        cumulative = probs.cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p[:, None])
-        drop[:, -1] = False  # always keep the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+def _as_mode(logits: torch.Tensor, mode: str) -> torch.Tensor:
+    return logits.log_softmax(dim=-1) if mode.endswith("logprobs") else logits.clone()
+
+
+def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
+    if md.allowed is not None:
+        rows, ids, has_list = md.allowed
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[rows, ids] = True
+        keep |= ~has_list[:, None]
+        logits.masked_fill_(~keep, NEG_INF)
+    if md.bias is not None:
+        rows, ids, values = md.bias
+        logits.index_put_((rows, ids), values, accumulate=True)
+    if md.banned is not None:
+        rows, ids = md.banned
+        logits[rows, ids] = NEG_INF
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
+    """Repetition (prompt and output tokens, HF's formula), then OpenAI frequency and presence."""
+    if md.output_ids is None:
+        return
+    rows, vocab = logits.shape
+    counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, md.output_ids, torch.ones_like(md.output_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]  # the last column caught the padding
+    seen = counts > 0
+    if md.prompt_ids is not None:
+        in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device)
+        in_prompt.scatter_(1, md.prompt_ids, True)
+        rep_seen = seen | in_prompt[:, :vocab]
+        rep = md.repetition[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits.copy_(torch.where(rep_seen, penalized, logits))
+    logits -= md.frequency[:, None] * counts + md.presence[:, None] * seen
+
+
+def _keep_candidates(vals: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Sorted (descending) scaled logits of candidate rows -> the same with dropped ones at -inf."""
+    k = vals.shape[1]
+    if md.top_k is not None:
+        position = torch.arange(k, device=vals.device)[None, :]
+        vals = vals.masked_fill(position >= md.top_k[rows, None], NEG_INF)
+    vals = vals.masked_fill(vals < floor[:, None], NEG_INF)
+    if md.top_p is not None:
+        probs = vals.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        vals = vals.masked_fill(before >= md.top_p[rows, None], NEG_INF)  # the first always stays
+    return vals
+
+
+def _sample_candidates(scaled: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Top-k / top-p rows: draw among the sorted candidates, noise keyed by token id."""
+    if md.candidate_k >= scaled.shape[1]:
+        vals, ids = scaled.sort(dim=-1, descending=True)
+    else:
+        vals, ids = scaled.topk(md.candidate_k, dim=-1)
+    vals = _keep_candidates(vals, md, rows, floor)
+    choice = (vals + gumbel_noise_reference(md.keys[rows], ids)).argmax(dim=-1, keepdim=True)
+    return ids.gather(1, choice).squeeze(1)
+
+
+def _processed_logits(logits: torch.Tensor, md: SamplingMetadata, inv_temp: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """The distribution random rows actually draw from (greedy rows: penalized logits)."""
+    scaled = logits * inv_temp[:, None]
+    scaled = scaled.masked_fill(logits < floor[:, None], NEG_INF)
+    if md.candidate_rows is not None:
+        rows = md.candidate_rows
+        vals, ids = scaled[rows].sort(dim=-1, descending=True)
+        kept = _keep_candidates(vals, md, rows, floor[rows] * inv_temp[rows])
+        scaled[rows] = torch.full_like(vals, NEG_INF).scatter(1, ids, kept)
+    return torch.where(md.temperature[:, None] > 0, scaled, logits)
+
+
+def _gather_logprobs(out: SamplerOutput, values: torch.Tensor, n: int) -> None:
+    sampled = values.gather(1, out.token_ids[:, None])  # [rows, 1]
+    top_values, top_ids = values.topk(min(n, values.shape[1]), dim=-1) if n > 0 else (values[:, :0], out.token_ids[:, None][:, :0])
+    out.logprob_ids = torch.cat([out.token_ids[:, None], top_ids], dim=1)
+    out.logprob_values = torch.cat([sampled, top_values], dim=1)
+    out.sampled_rank = (values > sampled).sum(dim=-1) + 1
+
+

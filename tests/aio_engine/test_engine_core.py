@@ -24,7 +24,7 @@ def drain(core: EngineCore) -> dict[str, list[RequestOutput]]:
 
 
 def generate_one(core: EngineCore, params: SamplingParams, prompt=PROMPT) -> list[RequestOutput]:
-    request = core.add_request(None, {"prompt_token_ids": prompt}, params)
+    [request] = core.add_request(None, {"prompt_token_ids": prompt}, params)
     return drain(core)[request.request_id]
 
 
@@ -141,7 +141,7 @@ def test_output_kinds_agree_on_the_final_result(make_llm):
 
 def test_abort_returns_a_final_output_and_frees_blocks(make_llm):
     core = make_llm().core
-    request = core.add_request("to-abort", {"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=50))
+    [request] = core.add_request("to-abort", {"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=50))
     for _ in range(3):
         core.step()
     assert core.kv.num_free_blocks < core.kv.num_blocks
@@ -194,7 +194,7 @@ def test_duplicate_request_id_is_refused_while_the_first_runs(make_llm):
 
 def test_text_prompt_is_tokenized_and_echoed(make_llm):
     core = make_llm().core
-    request = core.add_request(None, "Hello world! How are you", SamplingParams(temperature=0, max_tokens=2))
+    [request] = core.add_request(None, "Hello world! How are you", SamplingParams(temperature=0, max_tokens=2))
     assert request.prompt_token_ids == core.tokenizer("Hello world! How are you").input_ids
     final = drain(core)[request.request_id][-1]
     assert final.prompt == "Hello world! How are you"

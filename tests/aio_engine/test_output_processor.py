@@ -44,7 +44,7 @@ def test_cut_character_at_the_end_is_flushed_like_a_one_shot_decode(kind, slow, 
     assert expected.endswith("\ufffd")
     processor = OutputProcessor(SlowOnly(tokenizer) if slow else tokenizer, stream_interval=1)
     request = Request("r", tokenizer("hi").input_ids, SamplingParams(max_tokens=len(ids), output_kind=kind))
-    processor.add(request, None)
+    processor.add([request], None)
     outputs = feed(processor, request, ids, RequestStatus.FINISHED_LENGTH)
     texts = [o.outputs[0].text for o in outputs]
     assert ("".join(texts) if kind == RequestOutputKind.DELTA else texts[-1]) == expected
@@ -57,7 +57,7 @@ def test_stop_string_split_across_tokens_is_found_and_held_back(tokenizer):
     processor = OutputProcessor(tokenizer, stream_interval=1)
     params = SamplingParams(max_tokens=100, stop=["are you"], output_kind=RequestOutputKind.DELTA)
     request = Request("r", [5], params)
-    processor.add(request, None)
+    processor.add([request], None)
     outputs = feed(processor, request, ids, None)
     assert "".join(o.outputs[0].text for o in outputs) == "Hello world! How "
     final = outputs[-1].outputs[0]
@@ -69,7 +69,7 @@ def test_abort_flushes_and_reports_abort(tokenizer):
     ids = tokenizer("x 🐍").input_ids[:-1]
     processor = OutputProcessor(tokenizer, stream_interval=1)
     request = Request("r", [5], SamplingParams(max_tokens=100))
-    processor.add(request, None)
+    processor.add([request], None)
     feed(processor, request, ids, None)
     request.status = RequestStatus.FINISHED_ABORTED
     final = processor.finish_external(request)

@@ -1,0 +1,126 @@
+"""BatchBitmask: one step's token bitmask, filled on the CPU and applied to the logits' rows.
+
+Layout (xgrammar's): int32 [max_rows, ceil(vocab_size / 32)], bit j of word w allows token
+32 * w + j. Row r belongs to logits row r, so only the rows of constrained sequences are filled,
+copied and masked; unconstrained rows are never touched. The host buffer is allocated once
+(pinned on CUDA) with its device twin; apply() copies the filled rows non-blocking on the
+current stream and masks the logits there, just before sampling.
+
+Ordering on CUDA: fill() for step N+1 needs the tokens of step N on the host, which the
+engine gets only after step N's sampling (queued after apply()'s copy) has finished, so the
+host buffer is never rewritten under a pending copy. An event guards that all the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import xgrammar as xgr
+
+from .matcher import RequestGrammar, fill_stop_row
+
+
+class BatchBitmask:
+    """Fill rows for one step's constrained sequences, then apply them to that step's logits."""
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str = "cpu", *,
+                 fill_threads: int | str = "auto") -> None:
+        if max_rows < 1 or vocab_size < 1:
+            raise ValueError(f"BatchBitmask needs max_rows >= 1 and vocab_size >= 1, got {max_rows}, {vocab_size}")
+        self.max_rows, self.vocab_size = max_rows, vocab_size
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        num_words = (vocab_size + 31) // 32
+        self.host = torch.full((max_rows, num_words), -1, dtype=torch.int32, pin_memory=on_cuda)  # [max_rows, words]
+        self._rows_host = torch.zeros(max_rows, dtype=torch.int32, pin_memory=on_cuda)  # [max_rows]
+        if on_cuda:
+            self._mask_device = torch.empty_like(self.host, device=self.device)
+            self._rows_device = torch.empty_like(self._rows_host, device=self.device)
+            self._uploaded = torch.cuda.Event()
+        self._uploading = False
+        self._rows: list[int] = []  # the logits rows filled for the current step
+        # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python.
+        self._batch = xgr.BatchGrammarMatcher(fill_threads)
+
+    @property
+    def rows(self) -> list[int]:
+        return self._rows
+
+    def fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int]) -> None:
+        """Fill bitmask[rows[i]] for grammars[i] (this step's constrained sequences only).
+
+        A terminated grammar's row allows only its stop tokens. Rows left out of `rows` are not
+        masked by the next apply(), whatever the buffer holds for them.
+        """
+        rows = [int(r) for r in rows]
+        if len(rows) != len(grammars):
+            raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
+        if rows and (min(rows) < 0 or max(rows) >= self.max_rows or len(set(rows)) != len(rows)):
+            raise ValueError(f"fill: rows must be distinct and in [0, {self.max_rows}), got {rows}")
+        self._wait_upload()
+        live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
+        if len(live) == len(grammars):
+            if grammars:
+                self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], self.host, rows)
+        else:
+            if live:
+                self._batch.batch_fill_next_token_bitmask(
+                    [grammars[i].matcher for i in live], self.host, [rows[i] for i in live])
+            for i in set(range(len(grammars))).difference(live):
+                fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
+        self._rows = rows
+
+    def clear(self) -> None:
+        """No row is masked by the next apply() (a step without constrained sequences)."""
+        self._rows = []
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set logits[row, token] = -inf for every disallowed token of every filled row, in place.
+
+        logits: [num_rows, vocab_size] on this bitmask's device (any float dtype); a no-op when
+        no row was filled.
+        """
+        if not self._rows:
+            return
+        if logits.dim() != 2 or logits.shape[-1] != self.vocab_size:
+            raise ValueError(f"apply: logits must be [rows, {self.vocab_size}], got {list(logits.shape)}")
+        if logits.device.type != self.device.type:
+            raise ValueError(f"apply: logits are on {logits.device} but the bitmask is for {self.device}")
+        if max(self._rows) >= logits.shape[0]:
+            raise ValueError(f"apply: row {max(self._rows)} is past the {logits.shape[0]} logits rows")
+        if logits.device.type == "cpu":
+            xgr.apply_token_bitmask_inplace(logits, self.host, indices=self._rows, vocab_size=self.vocab_size)
+            return
+        self._wait_upload()
+        count, top = len(self._rows), max(self._rows) + 1
+        self._rows_host[:count].copy_(torch.tensor(self._rows, dtype=torch.int32))
+        # Both copies and the masking are queued on the current stream, in order: no host sync.
+        self._mask_device[:top].copy_(self.host[:top], non_blocking=True)
+        self._rows_device[:count].copy_(self._rows_host[:count], non_blocking=True)
+        self._uploaded.record()
+        self._uploading = True
+        xgr.apply_token_bitmask_inplace(logits, self._mask_device, indices=self._rows_device[:count],
+                                        vocab_size=self.vocab_size)
+
+    def _wait_upload(self) -> None:
+        # Normally already done (see the module docstring); only then may the host buffers change.
+        if self._uploading:
+            self._uploaded.synchronize()
+            self._uploading = False
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size]: True where the packed int32 bitmask [rows, words] allows the token."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
+    return bits.flatten(-2)[..., :vocab_size].bool()
+
+
+def apply_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
+                            indices: Sequence[int] | None = None) -> None:
+    """Plain-torch apply_token_bitmask_inplace: the reference the tests hold xgrammar's to."""
+    rows = torch.arange(logits.shape[0]) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+    rows = rows.to(logits.device)
+    allowed = unpack_bitmask(bitmask.to(logits.device)[rows], logits.shape[-1])  # [len(rows), vocab]
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

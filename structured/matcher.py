@@ -1,0 +1,93 @@
+"""RequestGrammar: where one sequence stands in its grammar (an xgrammar GrammarMatcher).
+
+One per sequence (a request with n > 1 has n of them, all on one CompiledGrammar). The engine
+feeds it every token the sequence keeps, in order, and asks it for the sequence's bitmask row
+(structured/bitmask.py fills many rows in one call).
+
+End of output: once the grammar is complete, xgrammar allows only the stop tokens (the model's
+eos ids, from the TokenizerInfo); accepting one terminates the matcher, and the request should
+finish with finish_reason "stop". Where the grammar may also go on (regex "a+"), eos competes
+with the continuations. A terminated matcher allows nothing more; its bitmask row allows only
+the stop tokens, so a token sampled for it one step late (async scheduling) is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import xgrammar as xgr
+
+
+class RequestGrammar:
+    """A grammar matcher with a token count, so that rollbacks are checked before xgrammar sees them."""
+
+    __slots__ = ("matcher", "num_tokens", "stop_token_ids")
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.stop_token_ids: list[int] = list(self.matcher.stop_token_ids)
+        self.num_tokens = 0  # tokens accepted (the stop token included) and not rolled back
+
+    @property
+    def is_terminated(self) -> bool:
+        """A stop token was accepted: the output is complete and nothing more is allowed."""
+        return self.matcher.is_terminated()
+
+    @property
+    def is_completed(self) -> bool:
+        """The output so far is a whole sentence of the grammar (a stop token is allowed next)."""
+        return self.matcher.is_completed()
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one token; False (state unchanged) if the grammar does not allow it."""
+        if self.matcher.accept_token(token_id):
+            self.num_tokens += 1
+            return True
+        return False
+
+    def accept_tokens(self, token_ids: Sequence[int]) -> bool:
+        """Advance token by token; on the first rejected token stop and return False.
+
+        The tokens before the rejected one stay accepted (roll them back if they must go).
+        A rejected token means the sampler did not honour the bitmask: the request's output no
+        longer follows its grammar and the engine should fail it.
+        """
+        for token_id in token_ids:
+            if not self.accept_token(int(token_id)):
+                return False
+        return True
+
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last num_tokens accepted tokens (e.g. ones a stop string or a draft dropped)."""
+        if not 0 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"rollback: num_tokens must be in [0, {self.num_tokens}], got {num_tokens}")
+        if num_tokens:
+            self.matcher.rollback(num_tokens)
+            self.num_tokens -= num_tokens
+
+    def reset(self) -> None:
+        """Back to the start of the grammar."""
+        self.matcher.reset()
+        self.num_tokens = 0
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write this sequence's allowed next tokens into bitmask[row] (a CPU int32 tensor)."""
+        if self.is_terminated:
+            fill_stop_row(bitmask, row, self.stop_token_ids)
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def jump_forward_string(self) -> str:
+        """The text the grammar forces next ("" if none): unused by the engine for now."""
+        return "" if self.is_terminated else self.matcher.find_jump_forward_string()
+
+
+def fill_stop_row(bitmask: torch.Tensor, row: int, stop_token_ids: Sequence[int]) -> None:
+    """bitmask[row] allows exactly the stop tokens."""
+    bitmask[row].zero_()
+    for token_id in stop_token_ids:
+        word, bit = divmod(token_id, 32)
+        # Bit 31 makes the int32 word negative; compute it in Python ints and wrap.
+        value = (int(bitmask[row, word]) & 0xFFFFFFFF) | (1 << bit)
+        bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value
