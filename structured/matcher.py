@@ -83,6 +83,17 @@ class RequestGrammar:
         return "" if self.is_terminated else self.matcher.find_jump_forward_string()
 
 
+def accept_batch(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -> list[bool]:
+    """Each grammar accepts its one token (a decode step), in one call into xgrammar."""
+    if len(grammars) != len(token_ids):
+        raise ValueError(f"accept_batch: {len(grammars)} grammars but {len(token_ids)} tokens")
+    accepted = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars],
+                                                          [int(t) for t in token_ids])
+    for grammar, ok in zip(grammars, accepted):
+        grammar.num_tokens += ok
+    return accepted
+
+
 def fill_stop_row(bitmask: torch.Tensor, row: int, stop_token_ids: Sequence[int]) -> None:
     """bitmask[row] allows exactly the stop tokens."""
     bitmask[row].zero_()

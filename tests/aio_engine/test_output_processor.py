@@ -48,7 +48,7 @@ def test_cut_character_at_the_end_is_flushed_like_a_one_shot_decode(kind, slow, 
     outputs = feed(processor, request, ids, RequestStatus.FINISHED_LENGTH)
     texts = [o.outputs[0].text for o in outputs]
     assert ("".join(texts) if kind == RequestOutputKind.DELTA else texts[-1]) == expected
-    assert outputs[-1].finished and processor.states == {}
+    assert outputs[-1].finished and processor.parents == {}
 
 
 def test_stop_string_split_across_tokens_is_found_and_held_back(tokenizer):
