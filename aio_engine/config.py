@@ -90,6 +90,8 @@ class EngineArgs:
     # compilation
     optimization_level: int = arg(2, "-O0 eager, -O1 compile + piecewise graphs, -O2 + full decode graphs, -O3 + autotune.", (0, 1, 2, 3), group="compilation")
     enforce_eager: bool = arg(False, "Never compile or capture CUDA graphs.", group="compilation")
+    cudagraph_capture_sizes: list[int] | None = arg(None, "Batch sizes to capture CUDA graphs for (default: 1, 2, 4, 8, then every 8 up to --max-cudagraph-capture-size).", group="compilation")
+    max_cudagraph_capture_size: int = arg(512, "Largest batch captured in a CUDA graph.", group="compilation")
     # parallel
     tensor_parallel_size: int = arg(1, "GPUs per model replica.", group="parallel")
     data_parallel_size: int = arg(1, "Model replicas.", group="parallel")
@@ -156,6 +158,8 @@ class SchedulerConfig:
 class CompilationConfig:
     level: int
     enforce_eager: bool
+    cudagraph_mode: str = "NONE"  # NONE | FULL_DECODE_ONLY
+    cudagraph_capture_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -262,12 +266,30 @@ class EngineConfig:
             scheduler=SchedulerConfig(batched, args.max_num_seqs, args.scheduling_policy,
                                       args.enable_chunked_prefill, args.async_scheduling,
                                       args.stream_interval, max_model_len),
-            compilation=CompilationConfig(0 if args.enforce_eager else args.optimization_level, args.enforce_eager),
+            compilation=_compilation_config(args, device),
             parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size),
             observability=ObservabilityConfig(log_stats=not args.disable_log_stats),
             device=device,
             args=args,
         )
+
+
+def _compilation_config(args: EngineArgs, device: torch.device) -> CompilationConfig:
+    """What the optimization level implies, unless a flag says otherwise.
+
+    Today every level >= 1 replays uniform decode batches from full CUDA graphs (attention inside);
+    prefill and mixed batches run eagerly. torch.compile of the pieces comes with issue 8.
+    """
+    level = 0 if args.enforce_eager else args.optimization_level
+    mode = "FULL_DECODE_ONLY" if level >= 1 and device.type == "cuda" else "NONE"
+    largest = min(args.max_cudagraph_capture_size, args.max_num_seqs)
+    sizes = args.cudagraph_capture_sizes
+    if sizes is None:
+        sizes = [s for s in (1, 2, 4, *range(8, largest + 1, 8)) if s <= largest] + [largest]
+    elif any(s < 1 for s in sizes):
+        raise ValueError(f"cudagraph_capture_sizes must hold positive integers, got {sizes}")
+    sizes = sorted({s for s in sizes if s <= args.max_num_seqs})
+    return CompilationConfig(level, args.enforce_eager, mode, sizes if mode != "NONE" else [])
 
 
 def _dict_arg(value: dict | str | None, name: str) -> dict:

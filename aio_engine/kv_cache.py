@@ -73,8 +73,8 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks already holding this request's leading full blocks (at least one token left to compute)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need the logits of every prompt position (as vLLM does)
         self._update_hashes(request)
         # Never reuse the block holding the last token: the model must run on at least one token.
         usable = (request.num_tokens - 1) // self.block_size

@@ -77,6 +77,8 @@ class ModelRunner:
         self.logprobs_mode = mc.logprobs_mode
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_replays = 0
 
     # --- KV cache sizing ---
     def bytes_per_block(self) -> int:
@@ -160,8 +162,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # --- the step ---
-    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int]):
-        """seqs: (token ids to compute, first position, block ids) per request -> device inputs."""
+    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int], num_pad: int = 0):
+        """seqs: (token ids to compute, first position, block ids) per request -> device inputs.
+        `num_pad` one-token rows follow (a batch padded to a CUDA-graph size): they write no KV
+        (slot -1) and attend to one slot of block 0."""
+        seqs = seqs + [([0], 0, [0])] * num_pad
         num_seqs = len(seqs)
         lens = np.fromiter((len(t) for t, _, _ in seqs), dtype=np.int64, count=num_seqs)
         starts = np.fromiter((p for _, p, _ in seqs), dtype=np.int64, count=num_seqs)
@@ -183,6 +188,8 @@ class ModelRunner:
         slots = self.buf_slots.np[:num_tokens]
         slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
             + positions % self.block_size
+        if num_pad:
+            slots[num_tokens - num_pad:] = -1
         seq_lens = self.buf_seq_lens.np[:num_seqs]
         seq_lens[:] = starts + lens
         self.buf_logits_idx.np[: len(sample_rows)] = query_start[1:][sample_rows] - 1
@@ -200,9 +207,60 @@ class ModelRunner:
         return (self.buf_input_ids.upload(num_tokens), self.buf_positions.upload(num_tokens), meta,
                 self.buf_logits_idx.upload(len(sample_rows)))
 
+    # --- CUDA graphs ---
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """FULL graphs of the forward (attention inside) for uniform decode batches of each capture size.
+
+        Inputs live in the staging buffers' device halves and in `graph_tables` (fixed strides),
+        so a replay only needs those refilled. Largest first, all in one memory pool.
+        """
+        sizes = self.config.compilation.cudagraph_capture_sizes
+        if not sizes or self.device.type != "cuda":
+            return
+        start = time.perf_counter()
+        self.graph_tables = torch.zeros(max(sizes), self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        pool = torch.cuda.graph_pool_handle()
+        from tqdm.auto import tqdm
+
+        with torch.cuda.stream(self.stream):
+            for size in tqdm(sorted(sizes, reverse=True), desc="Capturing CUDA graphs", unit="graph",
+                             disable=not self.config.load.use_tqdm):
+                input_ids, positions, meta = self._graph_inputs([], size)
+                for _ in range(2):  # warm up: Triton compiles, the allocator settles
+                    self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                    logits = self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+                self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs (batch %d..%d) in %.1fs", len(sizes), min(sizes), max(sizes),
+                    time.perf_counter() - start)
+
+    def _graph_inputs(self, seqs, size: int):
+        """Fill the persistent inputs for a decode batch padded to `size` rows."""
+        input_ids, positions, meta, _ = self._build_batch(seqs, [], num_pad=size - len(seqs))
+        width = meta.block_tables.shape[1]
+        self.graph_tables[:size, :width].copy_(meta.block_tables, non_blocking=True)
+        meta.block_tables = self.graph_tables[:size]
+        return input_ids, positions, meta
+
+    def _graph_size(self, seqs) -> int | None:
+        if not self.graphs or any(len(t) != 1 for t, _, _ in seqs):
+            return None
+        return next((s for s in sorted(self.graphs) if s >= len(seqs)), None)
+
     @torch.inference_mode()
     def _forward_raw(self, seqs, sample_rows: list[int]):
-        """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata)."""
+        """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata).
+        Uniform decode batches replay a CUDA graph instead (hidden is then None)."""
+        size = self._graph_size(seqs)
+        if size is not None and len(sample_rows) == len(seqs):
+            _, _, meta = self._graph_inputs(seqs, size)
+            graph, logits = self.graphs[size]
+            graph.replay()
+            self.graph_replays += 1
+            return None, logits[: len(seqs)], meta
         input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return hidden, self.model.compute_logits(hidden[logits_idx]), meta  # logits [len(sample_rows), vocab]
@@ -224,9 +282,11 @@ class ModelRunner:
                 rows.append(SamplingRow(r.sampling_params, r.seed, r.num_output_tokens, r.output_token_ids,
                                         r.prompt_token_ids, r.banned_token_ids()))
             if r.sampling_params.prompt_logprobs is not None:
+                # A preempted request recomputes its prompt: positions it already has are skipped.
+                first = max(start, len(r.prompt_logprobs))
                 last = min(start + sched.num_new_tokens, r.num_prompt_tokens - 1)
-                if last > start:
-                    prompt_spans.append((i, start, last))
+                if last > first:
+                    prompt_spans.append((i, first, last))
         result = StepResult([None] * len(seqs))
         if not seqs:
             return result
