@@ -282,13 +282,15 @@ def _compilation_config(args: EngineArgs, device: torch.device) -> CompilationCo
     """
     level = 0 if args.enforce_eager else args.optimization_level
     mode = "FULL_DECODE_ONLY" if level >= 1 and device.type == "cuda" else "NONE"
-    largest = min(args.max_cudagraph_capture_size, args.max_num_seqs)
+    # A padded batch must fit the input buffers (max_num_batched_tokens) and the seats.
+    batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+    largest = min(args.max_cudagraph_capture_size, args.max_num_seqs, batched)
     sizes = args.cudagraph_capture_sizes
     if sizes is None:
         sizes = [s for s in (1, 2, 4, *range(8, largest + 1, 8)) if s <= largest] + [largest]
     elif any(s < 1 for s in sizes):
         raise ValueError(f"cudagraph_capture_sizes must hold positive integers, got {sizes}")
-    sizes = sorted({s for s in sizes if s <= args.max_num_seqs})
+    sizes = sorted({s for s in sizes if s <= largest})
     return CompilationConfig(level, args.enforce_eager, mode, sizes if mode != "NONE" else [])
 
 

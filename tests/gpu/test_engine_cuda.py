@@ -3,6 +3,7 @@ architectures' configs with random weights (bf16), KV cache sized from GPU memor
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def test_kv_cache_grows_with_gpu_memory_utilization(tiny_models):
     small = LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.1)
     blocks_small = small.core.kv.num_blocks
     del small
+    gc.collect()
     torch.cuda.empty_cache()
     large = LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.2)
     total = torch.cuda.mem_get_info()[1]
@@ -123,6 +125,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path):
     with_graphs = [o.outputs[0].token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
     replays = graphs.core.runner.graph_replays
     del graphs
+    gc.collect()
     torch.cuda.empty_cache()
     eager = LLM(str(folder), enforce_eager=True, **common)
     assert not eager.core.runner.graphs
