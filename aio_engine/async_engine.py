@@ -1,8 +1,9 @@
 """AsyncEngine: the engine loop as one asyncio task, and `async for` over each request's outputs.
 
-The loop schedules on the event loop, runs the forward and sampling in one worker thread (so the
-loop stays free to accept requests and stream), then turns tokens into outputs and hands them to
-each request's collector. A collector keeps only what the consumer has not taken yet, merged, so
+The loop schedules on the event loop, builds and launches each step in one worker thread (on CPU
+that thread also computes it), waits for its tokens in that thread (so the loop stays free to
+accept requests and stream), then turns tokens into outputs and hands them to each request's
+collector. With async scheduling step N+1 is launched before step N's tokens are read. A collector keeps only what the consumer has not taken yet, merged, so
 a slow consumer never grows a queue.
 """
 
@@ -151,20 +152,27 @@ class AsyncEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                # With async scheduling, step N+1 is launched before step N is read: the host
+                # schedules, builds and launches while the GPU computes, then reads N.
+                if core.in_flight is not None and not core.can_run_ahead():
+                    await self._finish_in_flight(loop)
                 sched = core.schedule()
-                if sched.empty:
+                launched = None
+                if not sched.empty:
+                    self._stepping = True  # the worker reads requests' blocks: aborts wait
+                    try:
+                        launched = await loop.run_in_executor(self._executor, core.launch, sched)
+                    finally:
+                        self._stepping = False
+                    self._apply_pending_aborts()
+                if core.in_flight is not None:
+                    await self._finish_in_flight(loop)
+                if launched is not None:
+                    core.in_flight = (sched, launched)
+                    if not core.config.scheduler.async_scheduling:
+                        await self._finish_in_flight(loop)
+                elif sched.empty and core.in_flight is None:
                     await asyncio.sleep(0)
-                    continue
-                self._stepping = True
-                try:
-                    result = await loop.run_in_executor(self._executor, core.execute, sched)
-                finally:
-                    self._stepping = False
-                for output in core.finish_step(sched, result):
-                    self._deliver(output)
-                for request_id in self._pending_aborts:
-                    self._abort_now_or_after_step(request_id)
-                self._pending_aborts.clear()
                 await asyncio.sleep(0)  # let consumers and the web layer run between steps
         except asyncio.CancelledError:
             raise
@@ -177,6 +185,19 @@ class AsyncEngine:
             for collector in self._collectors.values():
                 collector.put(error)
             self._collectors.clear()
+
+    async def _finish_in_flight(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait (in the worker thread: the loop stays free) for the step in flight; deliver its outputs."""
+        sched, launched = self.core.in_flight
+        self.core.in_flight = None
+        result = await loop.run_in_executor(self._executor, self.core.runner.wait, launched)
+        for output in self.core.finish_step(sched, result):
+            self._deliver(output)
+
+    def _apply_pending_aborts(self) -> None:
+        pending, self._pending_aborts = self._pending_aborts, set()
+        for request_id in pending:
+            self._abort_now_or_after_step(request_id)
 
     def _deliver(self, output: RequestOutput) -> None:
         collector = self._collectors.get(output.request_id)
@@ -192,6 +213,9 @@ class AsyncEngine:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        for request_id in list(self.core.scheduler.requests):
+        if self.core.in_flight is not None:  # let the GPU finish it; its tokens are dropped
+            self.core.runner.wait(self.core.in_flight[1])
+            self.core.in_flight = None
+        for request_id in list(self.core.outputs.parents):
             self.core.abort(request_id)
         self._executor.shutdown(wait=True)

@@ -18,7 +18,7 @@ from sampling.params import SamplingParams
 
 from .config import EngineConfig
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner, StepResult
+from .model_runner import LaunchedStep, ModelRunner, StepResult
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
@@ -45,6 +45,7 @@ class EngineCore:
         self.outputs = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
         self.eos_token_ids = self._eos_ids()
         self._ids = itertools.count()
+        self.in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, not yet read
         # Seeds for requests that bring none: random per request, reproducible per engine seed.
         self._seeds = random.Random(mc.seed)
         # Counters for metrics and tests.
@@ -154,22 +155,39 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        """Requests left, or a step in flight whose tokens someone still waits for."""
+        if self.scheduler.has_unfinished:
+            return True
+        return self.in_flight is not None and any(not s.request.status.finished for s in self.in_flight[0].scheduled)
 
     # --- the step ---
     def schedule(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
         now = time.monotonic()
         for sched in out.scheduled:
-            if sched.request.first_scheduled_time is None:
-                sched.request.first_scheduled_time = now
-            if sched.request.num_computed_tokens < sched.request.num_prompt_tokens:
-                self.num_prompt_tokens_computed += min(
-                    sched.num_new_tokens, sched.request.num_prompt_tokens - sched.request.num_computed_tokens)
+            request = sched.request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            if sched.start < request.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(sched.num_new_tokens, request.num_prompt_tokens - sched.start)
         return out
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.runner.execute(out)
+    def can_run_ahead(self) -> bool:
+        """May the next step be launched before the step in flight returns its tokens? Not when
+        a running request's sampling depends on its last token on the host (penalties,
+        min_tokens, bad words, grammars)."""
+        if not self.config.scheduler.async_scheduling:
+            return False
+        for request in self.scheduler.running:
+            p = request.sampling_params
+            if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or request.bad_words_ids
+                    or request.num_output_tokens < p.min_tokens or p.structured_outputs is not None):
+                return False
+        return True
+
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Enqueue the step on the GPU (feeding it the in-flight step's tokens) without waiting."""
+        return self.runner.launch(out, self.in_flight[1] if self.in_flight else None)
 
     def finish_step(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self.num_steps += 1
@@ -178,13 +196,29 @@ class EngineCore:
         return self.outputs.process(changed, self.scheduler.finish_request)
 
     def step(self) -> list[RequestOutput]:
+        """One iteration. With async scheduling the next step is launched before the one in
+        flight is read, so the host's work overlaps the GPU's; outputs come one step later."""
+        outputs: list[RequestOutput] = []
+        if self.in_flight is not None and not self.can_run_ahead():
+            outputs += self._finish_in_flight()
         out = self.schedule()
-        if out.empty:
-            return []
-        return self.finish_step(out, self.execute(out))
+        launched = self.launch(out) if not out.empty else None
+        if self.in_flight is not None:
+            outputs += self._finish_in_flight()
+        if launched is not None:
+            self.in_flight = (out, launched)
+            if not self.config.scheduler.async_scheduling:
+                outputs += self._finish_in_flight()
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        out, launched = self.in_flight
+        self.in_flight = None
+        return self.finish_step(out, self.runner.wait(launched))
 
     def fail_all(self) -> list[str]:
         """After an error in a step: finish every request and free its blocks; their ids."""
+        self.in_flight = None
         ids = list(self.outputs.parents)
         for request_id in ids:
             self.abort(request_id, RequestStatus.FINISHED_ERROR)

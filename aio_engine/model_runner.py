@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from kernels.attention import AttentionMetadata
 from sampling.metadata import SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
-from sampling.sampler import Sampler
+from sampling.sampler import Sampler, SamplerOutput
 
 from .config import EngineConfig
 from .loader import load_model
@@ -29,16 +30,22 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 class StagingBuffer:
-    """A flat host buffer (pinned on CUDA) and its device twin, both allocated once.
+    """Flat host buffers (pinned on CUDA) and their device twin, all allocated once.
 
     Each step fills a prefix of the host side through numpy and uploads just that prefix with a
-    non-blocking copy. On CPU the two sides are one tensor.
+    non-blocking copy. On CUDA two host halves alternate step by step (`flip`), so that filling
+    step N+1 never overwrites what step N's copy has not read yet. On CPU host and device are one.
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         cuda = device.type == "cuda"
-        self.host = torch.zeros(size, dtype=dtype, pin_memory=cuda)
-        self.device = torch.zeros(size, dtype=dtype, device=device) if cuda else self.host
+        self.halves = [torch.zeros(size, dtype=dtype, pin_memory=cuda) for _ in range(2 if cuda else 1)]
+        self.device = torch.zeros(size, dtype=dtype, device=device) if cuda else self.halves[0]
+        self.flip()
+
+    def flip(self) -> None:
+        self.halves.reverse()
+        self.host = self.halves[0]
         self.np = self.host.numpy()
 
     def upload(self, n: int) -> torch.Tensor:
@@ -69,10 +76,11 @@ class ModelRunner:
         # Block tables are packed [num_seqs, widest table of the step] at the front of the buffer.
         self.buf_block_tables = StagingBuffer(self.max_num_seqs * self.max_blocks_per_seq, torch.int32, dev)
         self.buf_logits_idx = StagingBuffer(self.max_num_seqs, torch.int64, dev)
-        self.host_sampled = torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.buffers = [self.buf_input_ids, self.buf_positions, self.buf_slots, self.buf_query_start,
+                        self.buf_seq_lens, self.buf_block_tables, self.buf_logits_idx]
+        self.buf_sampled = StagingBuffer(self.max_num_seqs, torch.int64, dev)  # host side: ids coming home
         # The forward and sampling run on their own stream; an event says when the ids are home.
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-        self.done_event = torch.cuda.Event() if dev.type == "cuda" else None
         self.sampler = Sampler()
         self.logprobs_mode = mc.logprobs_mode
         self.kv_caches: list[torch.Tensor] = []
@@ -251,35 +259,51 @@ class ModelRunner:
         return next((s for s in sorted(self.graphs) if s >= len(seqs)), None)
 
     @torch.inference_mode()
-    def _forward_raw(self, seqs, sample_rows: list[int]):
+    def _forward_raw(self, seqs, sample_rows: list[int], fill=None):
         """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata).
         Uniform decode batches replay a CUDA graph instead (hidden is then None)."""
         size = self._graph_size(seqs)
         if size is not None and len(sample_rows) == len(seqs):
-            _, _, meta = self._graph_inputs(seqs, size)
+            input_ids, _, meta = self._graph_inputs(seqs, size)
+            if fill is not None:
+                fill(input_ids)
             graph, logits = self.graphs[size]
             graph.replay()
             self.graph_replays += 1
             return None, logits[: len(seqs)], meta
         input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
+        if fill is not None:
+            fill(input_ids)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return hidden, self.model.compute_logits(hidden[logits_idx]), meta  # logits [len(sample_rows), vocab]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run one step: the sampled token of each scheduled request (None for partial prefills),
-        with logprobs and prompt logprobs where asked."""
+    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue one step (forward, sampling, copy of the ids home) and return without waiting.
+
+        A request whose previous token is still on the GPU (async scheduling) takes it from
+        `prev`'s sampled ids on the device. `wait()` gives the step's StepResult.
+        """
+        for buf in self.buffers:
+            buf.flip()
+        self.buf_sampled.flip()
         seqs = []
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []
         prompt_spans: list[tuple[int, int, int]] = []  # (row, first, last): positions whose next token is known
+        carried: list[tuple[int, int]] = []  # (row, row of its sampled token in `prev`)
         for i, sched in enumerate(out.scheduled):
             r = sched.request
-            start = r.num_computed_tokens
-            seqs.append((r.all_token_ids[start : start + sched.num_new_tokens], start, r.block_ids))
+            start = sched.start
+            tokens = r.all_token_ids[start : start + sched.num_new_tokens]
+            if len(tokens) < sched.num_new_tokens:  # the last input is the token `prev` sampled
+                tokens = tokens + [0]
+                carried.append((i, prev.sample_row[r.request_id]))
+            seqs.append((tokens, start, r.block_ids))
             if sched.samples:
                 sample_rows.append(i)
-                rows.append(SamplingRow(r.sampling_params, r.seed, r.num_output_tokens, r.output_token_ids,
+                step = r.num_output_tokens + r.num_pending - 1  # tokens before this one: the stream's counter
+                rows.append(SamplingRow(r.sampling_params, r.seed, step, r.output_token_ids,
                                         r.prompt_token_ids, r.banned_token_ids()))
             if r.sampling_params.prompt_logprobs is not None:
                 # A preempted request recomputes its prompt: positions it already has are skipped.
@@ -287,36 +311,66 @@ class ModelRunner:
                 last = min(start + sched.num_new_tokens, r.num_prompt_tokens - 1)
                 if last > first:
                     prompt_spans.append((i, first, last))
-        result = StepResult([None] * len(seqs))
+        step = LaunchedStep(num_rows=len(seqs), sample_rows=sample_rows,
+                            sample_row={out.scheduled[row].request.request_id: j for j, row in enumerate(sample_rows)},
+                            logprobs_wanted=[r.params.logprobs for r in rows])
         if not seqs:
-            return result
+            return step
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            hidden, logits, meta = self._forward_raw(seqs, sample_rows)
-            prompt_lp = self._prompt_logprobs(hidden, meta, prompt_spans, out) if prompt_spans else None
-            sampled = None
+            fill = self._carry_tokens(seqs, carried, prev) if carried else None
+            hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill)
+            if prompt_spans:
+                step.prompt_logprobs = self._prompt_logprobs(hidden, meta, prompt_spans, out)
             if sample_rows:
                 md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode)
-                sampled = self.sampler(logits, md)
-                host = self.host_sampled[: len(sample_rows)]
-                host.copy_(sampled.token_ids, non_blocking=True)
-            if self.done_event is not None:
-                self.done_event.record()
-                self.done_event.synchronize()  # the step's one host sync (in the worker thread)
-        if prompt_lp is not None:
-            result.prompt_logprobs = prompt_lp()
-        if sampled is None:
+                step.sampled = self.sampler(logits, md)
+                if self.stream is None:  # CPU: the ids are already home
+                    step.host_ids = step.sampled.token_ids
+                else:
+                    step.host_ids = self.buf_sampled.host[: len(sample_rows)]
+                    step.host_ids.copy_(step.sampled.token_ids, non_blocking=True)
+            if self.stream is not None:
+                step.done = torch.cuda.Event()
+                step.done.record()
+        return step
+
+    def _carry_tokens(self, seqs, carried, prev: LaunchedStep):
+        """A function that writes `prev`'s sampled ids into this step's device input ids."""
+        starts = np.cumsum([0] + [len(t) for t, _, _ in seqs])
+        dst = torch.tensor([int(starts[row + 1]) - 1 for row, _ in carried]).to(self.device, non_blocking=True)
+        src = torch.tensor([j for _, j in carried]).to(self.device, non_blocking=True)
+        tokens = prev.sampled.token_ids
+
+        def fill(input_ids: torch.Tensor) -> None:
+            input_ids.index_copy_(0, dst, tokens.index_select(0, src))
+
+        return fill
+
+    def wait(self, step: LaunchedStep) -> StepResult:
+        """Block until the step is done (call from a worker thread) and read its results."""
+        result = StepResult([None] * step.num_rows)
+        if step.done is not None:
+            step.done.synchronize()  # the step's one host sync
+        if step.prompt_logprobs is not None:
+            result.prompt_logprobs = step.prompt_logprobs()
+        if step.sampled is None:
             return result
-        for row, token in zip(sample_rows, host.tolist()):
+        for row, token in zip(step.sample_rows, step.host_ids.tolist()):
             result.tokens[row] = token
+        sampled = step.sampled
         if sampled.logprob_ids is not None:
             ids, values, ranks = sampled.logprob_ids.tolist(), sampled.logprob_values.tolist(), sampled.sampled_rank.tolist()
-            result.logprobs = [None] * len(seqs)
-            for j, row in enumerate(sample_rows):
-                n = rows[j].params.logprobs
+            result.logprobs = [None] * step.num_rows
+            for j, row in enumerate(step.sample_rows):
+                n = step.logprobs_wanted[j]
                 if n is not None:
                     keep = 1 + (len(ids[j]) - 1 if n == -1 else n)
                     result.logprobs[row] = (ids[j][:keep], values[j][:keep], ranks[j])
         return result
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Launch one step and wait for it."""
+        return self.wait(self.launch(out))
 
     def _prompt_logprobs(self, hidden, meta, spans, out: SchedulerOutput):
         """Logprobs of each prompt token given the ones before it, for the requests that ask.
@@ -325,7 +379,7 @@ class ModelRunner:
         index, targets, owners = [], [], []
         for row, first, last in spans:
             request = out.scheduled[row].request
-            offset = starts[row] - request.num_computed_tokens
+            offset = starts[row] - out.scheduled[row].start
             index.extend(range(offset + first, offset + last))
             targets.extend(request.prompt_token_ids[first + 1 : last + 1])
             owners.append((row, last - first, request.sampling_params.prompt_logprobs))
@@ -348,6 +402,20 @@ class ModelRunner:
             return result
 
         return collect
+
+
+@dataclass
+class LaunchedStep:
+    """A step on its way through the GPU: what wait() needs to read its results."""
+
+    num_rows: int
+    sample_rows: list[int]
+    sample_row: dict[str, int]  # request id -> row in `sampled`, for the next step's carried inputs
+    logprobs_wanted: list[int | None]
+    sampled: SamplerOutput | None = None
+    host_ids: torch.Tensor | None = None
+    prompt_logprobs: Callable[[], dict[int, list]] | None = None
+    done: torch.cuda.Event | None = None
 
 
 @dataclass

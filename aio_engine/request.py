@@ -42,7 +42,8 @@ class Request:
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.all_token_ids: list[int] = list(prompt_token_ids)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # tokens whose KV is written (or being written by the step in flight)
+        self.num_pending = 0  # sampled on the GPU, not yet appended: async scheduling runs one step ahead
         self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -21,7 +21,8 @@ from .request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    samples: bool  # this chunk reaches the end of the known tokens, so its last logits are sampled
+    samples: bool  # this chunk reaches the end of the tokens, so its last logits are sampled
+    start: int = 0  # position of the chunk's first token (num_computed_tokens before this step)
 
 
 @dataclass
@@ -141,7 +142,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._length_reached(request):
+                i += 1  # its last token is still on the GPU; it finishes when that arrives
+                continue
+            num_new = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
             while not self.kv.allocate(request, num_new):
                 victim = self._preempt_one()
                 out.preempted.append(victim)
@@ -156,7 +160,7 @@ class Scheduler:
                         break
             if request.status != RequestStatus.RUNNING:
                 continue  # it preempted itself, and was the last in self.running
-            samples = request.num_computed_tokens + num_new == request.num_tokens
+            samples = request.num_computed_tokens + num_new == request.num_tokens + request.num_pending
             out.scheduled.append(ScheduledRequest(request, num_new, samples))
             out.num_tokens += num_new
             budget -= num_new
@@ -165,9 +169,11 @@ class Scheduler:
         # 2. Admit waiting requests while budget, seats and blocks allow (none if anyone was preempted).
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             request = self.waiting.peek()
+            if request.num_pending:
+                break  # preempted with a token still on the GPU: after that token arrives
             first = request.wait_for
-            if first is not None and not first.status.finished and first.num_computed_tokens < first.num_prompt_tokens:
-                break  # a later sample of an n > 1 request: its prompt will come from the prefix cache
+            if first is not None and not first.status.finished and first.num_output_tokens == 0:
+                break  # a later sample of an n > 1 request: its prompt comes from the prefix cache once cached
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
             remaining = request.num_tokens - num_cached
@@ -185,23 +191,40 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, num_cached + num_new == request.num_tokens))
             out.num_tokens += num_new
             budget -= num_new
+        # The step will compute these tokens: count them now, so that the next step can be
+        # scheduled before this one's sampled tokens reach the host (async scheduling).
+        for sched in out.scheduled:
+            sched.start = sched.request.num_computed_tokens
+            sched.request.num_computed_tokens += sched.num_new_tokens
+            if sched.samples:
+                sched.request.num_pending += 1
         return out
+
+    def _length_reached(self, request: Request) -> bool:
+        """Will the tokens already on their way end the request by max_tokens / max_model_len?"""
+        if not request.num_pending:
+            return False
+        limit = request.sampling_params.max_tokens
+        return ((limit is not None and request.num_output_tokens + request.num_pending >= limit)
+                or request.num_tokens + request.num_pending >= self.config.max_model_len)
 
     def update_after_step(self, out: SchedulerOutput, tokens: list[int | None], logprobs: list | None = None,
                           prompt_logprobs: dict | None = None) -> list[Request]:
-        """Advance computed counts, append sampled tokens (and logprobs), finish by eos/stop
-        ids/length. Returns the requests that got a new token (finished ones included, freed)."""
+        """Append the step's sampled tokens (and logprobs), finish by eos / stop ids / length.
+        Returns the requests that got a new token (finished ones included, already freed)."""
         changed: list[Request] = []
         for i, (sched, token) in enumerate(zip(out.scheduled, tokens)):
             request = sched.request
-            if request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += sched.num_new_tokens
-            self.kv.cache_full_blocks(request, request.num_computed_tokens)
+            if request.status.finished:
+                continue  # aborted or stopped while the step ran: its token is dropped
+            if request.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(request, request.num_computed_tokens)
             if prompt_logprobs and i in prompt_logprobs:
                 request.prompt_logprobs.extend(prompt_logprobs[i])
             if token is None:
                 continue
+            # A preempted request keeps its token too: it recomputes with it when readmitted.
+            request.num_pending -= 1
             request.append_token(token)
             if logprobs is not None and logprobs[i] is not None:
                 request.logprobs.append(logprobs[i])

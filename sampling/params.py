@@ -109,7 +109,8 @@ class SamplingParams:
         """Checks that need the engine's limits (done when the request is added)."""
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and value > max_logprobs and max_logprobs != -1:
+            wanted = vocab_size if value == -1 else value  # -1: the whole vocabulary
+            if value is not None and wanted > max_logprobs and max_logprobs != -1:
                 raise ValueError(f"{name} must be <= {max_logprobs} (--max-logprobs), got {value}")
         for name, ids in (("allowed_token_ids", self.allowed_token_ids), ("stop_token_ids", self.stop_token_ids),
                           ("logit_bias", list(self.logit_bias or {}))):

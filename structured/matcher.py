@@ -78,10 +78,6 @@ class RequestGrammar:
         else:
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
-    def jump_forward_string(self) -> str:
-        """The text the grammar forces next ("" if none): unused by the engine for now."""
-        return "" if self.is_terminated else self.matcher.find_jump_forward_string()
-
 
 def accept_batch(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -> list[bool]:
     """Each grammar accepts its one token (a decode step), in one call into xgrammar."""

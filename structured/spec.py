@@ -89,7 +89,26 @@ def normalize_schema(schema, disable_additional_properties: bool = False):
             out[key] = value
     if disable_additional_properties and _is_object_schema(schema) and "additionalProperties" not in schema:
         out["additionalProperties"] = False
-    return out
+    return _length_as_pattern(out)
+
+
+def _length_as_pattern(schema: dict) -> dict:
+    """Say a string's minLength/maxLength as a pattern (xgrammar 0.2.8 workaround).
+
+    xgrammar lowers a length-bounded string to `[^"\\\r\n]{min,max}`, which lets raw control
+    characters through (invalid JSON: mlc-ai/xgrammar#800); its pattern path does not. A schema with
+    a pattern or a format is left as it is (xgrammar ignores lengths next to a pattern anyway).
+    """
+    if (schema.get("type") != "string" or "pattern" in schema or "format" in schema
+            or not ("minLength" in schema or "maxLength" in schema)):
+        return schema
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    if not isinstance(low, int) or not isinstance(high, (int, type(None))):
+        return schema  # malformed: leave it to xgrammar to reject
+    high = "" if high is None else high
+    out = {k: v for k, v in schema.items() if k not in ("minLength", "maxLength")}
+    out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
+    return dict(sorted(out.items()))
 
 
 def choice_grammar(choices: list[str]) -> str:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+from aiohttp import web
+
 from sampling.params import RequestOutputKind, SamplingParams
 from structured.params import StructuredOutputsParams
 
@@ -19,6 +22,17 @@ NUMBER = (int, float)
 STRUCTURED_KEYS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag", "whitespace_pattern",
                    "disable_any_whitespace", "disable_additional_properties")
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body as a JSON object (413 past client_max_size, 400 if not JSON)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as e:
+        raise RequestError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    return body
 
 
 def expect(body: dict, name: str, types: type | tuple, default: Any = None) -> Any:

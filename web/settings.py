@@ -1,7 +1,10 @@
 """ServerSettings: everything the web layer needs that is not the engine's, validated once.
 
-The command line fills it (flags named as in `vllm serve`); tests build it by hand. Derived values
-(the chat template's text, the SSL context) are computed here once, never per request.
+Like EngineArgs, each field carries its CLI help (and vLLM's flag name where ours differs), so
+the command line can build `--flags` from `dataclasses.fields(ServerSettings)` with no second
+list to keep in sync. Fields marked cli=False come from elsewhere (the engine's config, the
+environment). Derived values (the chat template's text, the SSL context) are computed here once,
+never per request.
 """
 
 from __future__ import annotations
@@ -9,51 +12,66 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aio_engine import __version__
+
+from .reasoning import REASONING_PARSERS
+from .tools import TOOL_PARSERS
 
 CONTENT_FORMATS = ("auto", "string", "openai")
 
 
+def opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None, cli: bool = True) -> Any:
+    """A ServerSettings field with what the CLI needs to expose it."""
+    meta = {"help": help, "choices": choices, "flag": flag, "cli": cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ServerSettings:
-    served_model_names: list[str]
-    api_key: str | None = None  # --api-key / AIO_ENGINE_API_KEY: guards /v1 routes
-    response_role: str = "assistant"
-    max_body_bytes: int = 32 * 2**20  # larger bodies get a 413
+    served_model_names: list[str] = opt(None, "Names the API answers to (from the engine config).", cli=False)
+    api_key: str | None = opt(None, "Require this key (Bearer) on /v1 routes. Also AIO_ENGINE_API_KEY.")
+    response_role: str = opt("assistant", "Role of the generated chat message (with add_generation_prompt).")
+    max_body_bytes: int = opt(32 * 2**20, "Largest request body; larger ones get a 413.")
     # Chat
-    chat_template: str | None = None  # a file path or the template itself; overrides the tokenizer's
-    chat_template_content_format: str = "auto"  # string | openai | auto (guessed from the template)
-    trust_request_chat_template: bool = False  # let a request's `chat_template` field replace ours
-    default_chat_template_kwargs: dict = field(default_factory=dict)
+    chat_template: str | None = opt(None, "Chat template file or inline Jinja; overrides the tokenizer's.")
+    chat_template_content_format: str = opt(
+        "auto", "How message content reaches the template: string, openai (list of parts), or auto.", CONTENT_FORMATS)
+    trust_request_chat_template: bool = opt(False, "Let a request's `chat_template` field replace the server's.")
+    default_chat_template_kwargs: dict = opt({}, "JSON object of extra template variables for every chat request.")
     # Tools and reasoning
-    enable_auto_tool_choice: bool = False
-    tool_call_parser: str | None = None  # hermes | llama3_json
-    exclude_tools_when_tool_choice_none: bool = False
-    reasoning_parser: str | None = None  # qwen3 | deepseek_r1
+    enable_auto_tool_choice: bool = opt(False, "Parse tool calls out of the output for tool_choice auto.")
+    tool_call_parser: str | None = opt(None, "Tool-call format of the model.", tuple(sorted(TOOL_PARSERS)))
+    exclude_tools_when_tool_choice_none: bool = opt(False, "Leave `tools` out of the prompt for tool_choice none.")
+    reasoning_parser: str | None = opt(None, "Reasoning format: fills reasoning_content.",
+                                       tuple(sorted(REASONING_PARSERS)))
     # Responses
-    return_tokens_as_token_ids: bool = False
-    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens
-    enable_force_include_usage: bool = False  # a usage chunk at the end of every stream
-    system_fingerprint: str = f"aio-engine-{__version__}"
+    return_tokens_as_token_ids: bool = opt(False, "Show logprob tokens as 'token_id:N'.")
+    enable_prompt_tokens_details: bool = opt(False, "Report usage.prompt_tokens_details.cached_tokens.")
+    enable_force_include_usage: bool = opt(False, "End every stream with a usage chunk.")
+    system_fingerprint: str = opt(f"aio-engine-{__version__}", "system_fingerprint of responses.", cli=False)
     # Admission
-    max_waiting_requests: int | None = None  # more waiting than this: 503 (None: no limit)
-    enable_server_load_tracking: bool = False  # GET /load
+    max_waiting_requests: int | None = opt(None, "Answer 503 while this many requests wait (default: no limit).")
+    enable_server_load_tracking: bool = opt(False, "Count requests in flight, served at GET /load.")
     # HTTP
-    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
-    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
-    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-    root_path: str = ""  # serve every route under this prefix too (behind a path-based proxy)
-    enable_request_id_headers: bool = False  # X-Request-Id on every response
-    access_log: bool = True  # --disable-uvicorn-access-log turns it off
-    ssl_keyfile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_ca_certs: str | None = None
-    ssl_cert_reqs: int = int(ssl.CERT_NONE)  # 0 none, 1 optional, 2 required (client certificates)
+    allowed_origins: list[str] = opt(["*"], "CORS: allowed origins.")
+    allowed_methods: list[str] = opt(["*"], "CORS: allowed methods.")
+    allowed_headers: list[str] = opt(["*"], "CORS: allowed headers.")
+    allow_credentials: bool = opt(False, "CORS: allow credentials.")
+    root_path: str = opt("", "Also serve every route under this prefix (behind a path-based proxy).")
+    enable_request_id_headers: bool = opt(False, "Send X-Request-Id (the client's, or a new one) on every response.")
+    access_log: bool = opt(True, "Log every request (--disable-uvicorn-access-log turns it off).",
+                           flag="--disable-uvicorn-access-log")
+    ssl_keyfile: str | None = opt(None, "TLS private key file.")
+    ssl_certfile: str | None = opt(None, "TLS certificate file.")
+    ssl_ca_certs: str | None = opt(None, "CA certificates to verify client certificates.")
+    ssl_cert_reqs: int = opt(int(ssl.CERT_NONE), "Client certificates: 0 none, 1 optional, 2 required.", (0, 1, 2))
     # Websocket and chat page
-    ws_max_message_bytes: int = 4 * 2**20  # larger messages close the socket with 1009
-    enable_chat_page: bool = True
+    ws_max_message_bytes: int = opt(4 * 2**20, "Largest websocket message; larger ones close the socket (1009).")
+    enable_chat_page: bool = opt(True, "Serve the chat page at /.")
 
     def __post_init__(self) -> None:
         if isinstance(self.served_model_names, str):
@@ -63,9 +81,6 @@ class ServerSettings:
         if self.chat_template_content_format not in CONTENT_FORMATS:
             raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, "
                              f"got {self.chat_template_content_format!r}")
-        from .reasoning import REASONING_PARSERS
-        from .tools import TOOL_PARSERS
-
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, got {self.tool_call_parser!r}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
@@ -78,6 +93,9 @@ class ServerSettings:
             raise ValueError("ssl_keyfile and ssl_certfile go together")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        for name in ("max_body_bytes", "ws_max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.root_path = "/" + self.root_path.strip("/") if self.root_path.strip("/") else ""
         self.chat_template = load_chat_template(self.chat_template)
 

@@ -142,7 +142,7 @@ def test_output_kinds_agree_on_the_final_result(make_llm):
 def test_abort_returns_a_final_output_and_frees_blocks(make_llm):
     core = make_llm().core
     [request] = core.add_request("to-abort", {"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=50))
-    for _ in range(3):
+    while request.num_output_tokens < 3:  # with async scheduling a step's tokens arrive a step later
         core.step()
     assert core.kv.num_free_blocks < core.kv.num_blocks
     final = core.abort(request.request_id)

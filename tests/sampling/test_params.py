@@ -60,3 +60,11 @@ def test_model_limits_are_checked_when_added(field, kwargs):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs).validate_for_model(vocab_size=512, max_logprobs=20)
     SamplingParams().validate_for_model(vocab_size=512, max_logprobs=20)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_minus_one_asks_for_the_whole_vocabulary_and_counts_against_the_cap(field):
+    with pytest.raises(ValueError, match=rf"^{field} must be <= 20 \(--max-logprobs\), got -1"):
+        SamplingParams(**{field: -1}).validate_for_model(vocab_size=512, max_logprobs=20)
+    SamplingParams(**{field: -1}).validate_for_model(vocab_size=512, max_logprobs=512)
+    SamplingParams(**{field: -1}).validate_for_model(vocab_size=512, max_logprobs=-1)

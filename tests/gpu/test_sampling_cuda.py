@@ -1,0 +1,128 @@
+"""Sampling on CUDA: the CPU suite's exact, statistical and reproducibility tests collected again
+with a CUDA `device` (so the Gumbel draws go through the Triton kernel), the kernel against its
+reference at Qwen's vocabulary, CUDA draws equal to CPU draws, no host sync in the sampler, and
+seeded requests through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aio_engine import LLM, SamplingParams
+from kernels.sampling import gumbel_argmax_triton
+from sampling.metadata import SamplingMetadata
+from sampling.sampler import Sampler
+
+# The CPU suite's tests imported here are collected again, on CUDA (the `device` fixture below).
+from tests.kernels.test_sampling_kernel import (  # noqa: F401
+    assert_same_draws,
+    random_inputs,
+    test_kernel_draws_the_reference_token,
+    test_kernel_reads_rows_of_a_strided_view,
+    test_kernel_writes_every_row_of_a_poisoned_output,
+)
+from tests.sampling.reference import random_logits, row, sample
+from tests.sampling.test_distribution import (  # noqa: F401
+    test_draws_across_rows_follow_the_distribution,
+    test_draws_across_steps_of_one_seed_follow_the_distribution,
+    test_draws_with_penalties_and_bias_follow_the_processed_distribution,
+)
+from tests.sampling.test_sampler import (  # noqa: F401
+    random_others,
+    test_a_seeded_row_draws_the_same_tokens_whatever_the_batch,
+    test_allowed_token_ids_hold_every_draw_and_leave_other_rows_alone,
+    test_banned_ids_are_never_drawn,
+    test_greedy_rows_take_the_argmax,
+    test_greedy_rows_take_the_argmax_beside_sampled_rows,
+    test_logit_bias_of_minus_100_never_samples_the_token,
+    test_logit_bias_of_plus_100_always_samples_the_token,
+    test_logprobs_are_of_the_logits_the_mode_names,
+    test_penalties_match_the_reference_formula,
+    test_penalties_on_hand_worked_logits,
+    test_top_k_one_equals_greedy,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run tests/gpu on the GPU machine)")
+
+QWEN_VOCAB = 151936
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda")
+
+
+def test_triton_kernel_equals_the_reference_at_batch_256_and_qwen_vocab():
+    inputs = random_inputs(256, QWEN_VOCAB, seed=0, device=torch.device("cuda"))
+    out = gumbel_argmax_triton(*inputs)
+    assert_same_draws(out, *inputs, tie=1e-5)
+
+
+def test_cuda_draws_the_tokens_the_cpu_draws():
+    # Both sides hash the same integers, so only float rounding could part them (at near-ties).
+    others = random_others(64, seed=30)
+    logits = random_logits(64, 5000, seed=31, scale=1.0)
+    on_cpu = sample(logits, others, "cpu").token_ids
+    on_cuda = sample(logits, others, "cuda").token_ids.cpu()
+    assert (on_cpu != on_cuda).sum() <= 1, (on_cpu != on_cuda).nonzero()[:, 0].tolist()
+
+
+def test_the_sampler_never_syncs_with_the_host():
+    rows = [row(SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.5,
+                               frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={3: 1.0},
+                               logprobs=5), seed=i, output_ids=list(range(i, i + 40)), prompt_ids=[1, 2, 3],
+                banned_ids=[7]) for i in range(32)]
+    rows += [row(SamplingParams(temperature=0, allowed_token_ids=[5, 6, 7], logprobs=5)),
+             row(SamplingParams(temperature=1.0, top_p=0.5, logprobs=5), seed=99)]
+    logits = random_logits(len(rows), QWEN_VOCAB, seed=32).cuda()
+    md = SamplingMetadata.build(rows, QWEN_VOCAB, torch.device("cuda"), "processed_logprobs")
+    Sampler()(logits.clone(), md)  # compiles the kernel first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = Sampler()(logits, md)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.token_ids.shape == (len(rows),) and out.logprob_ids.shape == (len(rows), 6)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(str(tiny_models["llama"]), dtype="float32", max_model_len=256, gpu_memory_utilization=0.2)
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, 400, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def tokens_of(llm: LLM, prompts, params) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_seeded_request_gives_the_same_tokens_alone_and_in_a_batch_of_32_on_cuda(llm):
+    assert llm.core.config.device.type == "cuda"
+    prompt = random_prompt(20, seed=40)
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=77, max_tokens=24, ignore_eos=True)
+    [alone] = tokens_of(llm, [prompt], params)
+    gen = torch.Generator().manual_seed(41)
+    others = [random_prompt(int(torch.randint(3, 60, (), generator=gen)), seed=100 + i) for i in range(32)]
+    others_params = [SamplingParams(temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 20][i % 2], seed=i if i % 4 else None,
+                                    max_tokens=int(torch.randint(4, 30, (), generator=gen)), ignore_eos=True)
+                     for i in range(32)]
+    for position in (0, 13, 32):
+        batch = tokens_of(llm, others[:position] + [prompt] + others[position:],
+                          others_params[:position] + [params] + others_params[position:])
+        assert batch[position] == alone, position
+    assert llm.core.kv.num_free_blocks == llm.core.kv.num_blocks
+
+
+def test_n4_with_a_seed_gives_four_different_reproducible_samples_on_cuda(llm):
+    prompt = random_prompt(14, seed=42)
+    params = SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=16, ignore_eos=True)
+    [first] = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    samples = [o.token_ids for o in first.outputs]
+    assert [o.index for o in first.outputs] == [0, 1, 2, 3] and len({tuple(s) for s in samples}) == 4
+    [again] = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    assert [o.token_ids for o in again.outputs] == samples
+    assert llm.core.kv.num_free_blocks == llm.core.kv.num_blocks

@@ -1,0 +1,126 @@
+"""BatchBitmask and xgrammar's apply_token_bitmask_inplace against the plain-torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from structured import (
+    BatchBitmask,
+    RequestGrammar,
+    StructuredOutputsParams,
+    apply_bitmask_reference,
+    unpack_bitmask,
+)
+from structured.matcher import fill_stop_row
+
+from .conftest import EOS, PADDED_VOCAB, VOCAB
+
+
+def test_unpack_reads_bit_j_of_word_w_as_token_32w_plus_j():
+    bitmask = torch.zeros(1, 3, dtype=torch.int32)
+    bitmask[0, 0] = 1 | (1 << 5)
+    bitmask[0, 1] = -(1 << 31)  # bit 31 only: the sign bit of an int32
+    bitmask[0, 2] = 1 << 1
+    assert unpack_bitmask(bitmask, 70)[0].nonzero().flatten().tolist() == [0, 5, 63, 65]
+
+
+def test_stop_row_sets_exactly_the_stop_bits_sign_bit_included():
+    bitmask = torch.full((2, 3), -1, dtype=torch.int32)
+    fill_stop_row(bitmask, 1, [31, 40, 63])
+    assert unpack_bitmask(bitmask, 96)[1].nonzero().flatten().tolist() == [31, 40, 63]
+    assert unpack_bitmask(bitmask, 96)[0].all()
+
+
+@pytest.mark.parametrize("vocab_size", [33, 100, 4096, PADDED_VOCAB])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_xgrammar_apply_equals_the_reference(vocab_size, dtype):
+    gen = torch.Generator().manual_seed(vocab_size)
+    rows = 9
+    bitmask = torch.randint(-(2**31), 2**31, (rows, (vocab_size + 31) // 32), dtype=torch.int64, generator=gen)
+    bitmask = bitmask.to(torch.int32)
+    logits = torch.randn(rows, vocab_size, generator=gen).to(dtype)
+    for indices in (None, [0, 3, 8], [5]):
+        ours, theirs = logits.clone(), logits.clone()
+        apply_bitmask_reference(ours, bitmask, indices)
+        xgr.apply_token_bitmask_inplace(theirs, bitmask, indices=indices, vocab_size=vocab_size)
+        assert torch.equal(ours, theirs)
+        untouched = [r for r in range(rows) if indices is not None and r not in indices]
+        assert torch.equal(theirs[untouched], logits[untouched])
+        assert torch.isinf(ours).any()
+
+
+def test_fill_and_apply_mask_only_the_filled_rows(service, tokenizer):
+    choice = service.compile_sync(StructuredOutputsParams(choice=["yes", "no"]))
+    digits = service.compile_sync(StructuredOutputsParams(regex="[0-9]+"))
+    grammars = [RequestGrammar(choice), RequestGrammar(digits)]
+    bitmask = BatchBitmask(8, VOCAB)
+    bitmask.fill(grammars, [5, 2])
+    assert bitmask.rows == [5, 2]
+    logits = torch.randn(6, VOCAB)  # a step with 6 rows out of 8 possible
+    masked = logits.clone()
+    bitmask.apply(masked)
+    assert torch.equal(masked[[0, 1, 3, 4]], logits[[0, 1, 3, 4]])
+    for row, grammar in ((5, grammars[0]), (2, grammars[1])):
+        expected = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
+        grammar.matcher.fill_next_token_bitmask(expected, 0)
+        assert torch.equal(torch.isfinite(masked[row]), unpack_bitmask(expected, VOCAB)[0])
+    allowed_first = {tokenizer.decode([t]) for t in torch.isfinite(masked[5]).nonzero().flatten().tolist()}
+    assert allowed_first and all("yes".startswith(s) or "no".startswith(s) for s in allowed_first)
+    # A step without constrained rows costs nothing and masks nothing.
+    bitmask.clear()
+    again = logits.clone()
+    bitmask.apply(again)
+    assert torch.equal(again, logits)
+
+
+def test_terminated_grammar_row_allows_only_eos(service, tokenizer):
+    grammar = RequestGrammar(service.compile_sync(StructuredOutputsParams(choice=["ok"])))
+    grammar.accept_tokens(tokenizer.encode("ok", add_special_tokens=False) + [EOS])
+    live = RequestGrammar(service.compile_sync(StructuredOutputsParams(choice=["ok"])))
+    bitmask = BatchBitmask(2, VOCAB)
+    bitmask.fill([grammar, live], [0, 1])
+    logits = torch.zeros(2, VOCAB)
+    bitmask.apply(logits)
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [EOS]
+    assert not torch.isfinite(logits[1])[EOS]
+
+
+def test_bad_rows_and_shapes_raise(service):
+    grammar = RequestGrammar(service.compile_sync(StructuredOutputsParams(regex="a")))
+    bitmask = BatchBitmask(4, VOCAB)
+    with pytest.raises(ValueError, match="distinct"):
+        bitmask.fill([grammar, grammar], [1, 1])
+    with pytest.raises(ValueError, match="distinct and in"):
+        bitmask.fill([grammar], [4])
+    with pytest.raises(ValueError, match="1 grammars but 2 rows"):
+        bitmask.fill([grammar], [0, 1])
+    bitmask.fill([grammar], [3])
+    with pytest.raises(ValueError, match="logits must be"):
+        bitmask.apply(torch.zeros(4, VOCAB + 1))
+    with pytest.raises(ValueError, match="past the 2 logits rows"):
+        bitmask.apply(torch.zeros(2, VOCAB))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_apply_equals_the_cpu_apply_step_after_step(service, tokenizer):
+    compiled = [service.compile_sync(StructuredOutputsParams(json_object=True)),
+                service.compile_sync(StructuredOutputsParams(regex="[0-9]{2,6}"))]
+    grammars = {3: RequestGrammar(compiled[0]), 0: RequestGrammar(compiled[1])}
+    on_cpu, on_cuda = BatchBitmask(6, PADDED_VOCAB), BatchBitmask(6, PADDED_VOCAB, "cuda")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # several steps: the host buffer is refilled after each upload
+        rows = list(grammars)
+        for bitmask in (on_cpu, on_cuda):
+            bitmask.fill([grammars[r] for r in rows], rows)
+        logits = torch.randn(5, PADDED_VOCAB, generator=gen, dtype=torch.float32)
+        expected, got = logits.clone(), logits.cuda().to(torch.bfloat16)
+        on_cpu.apply(expected)
+        on_cuda.apply(got)
+        assert torch.equal(torch.isfinite(got.cpu()), torch.isfinite(expected))
+        assert torch.equal(got.cpu()[[1, 2, 4]], logits[[1, 2, 4]].to(torch.bfloat16))
+        for row in rows:  # advance each live grammar by its most likely allowed token
+            if not grammars[row].is_terminated:
+                assert grammars[row].accept_token(int(expected[row].argmax()))
