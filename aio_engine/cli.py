@@ -21,7 +21,7 @@ from .config import EngineArgs
 GROUP_TITLES = {
     "frontend": "Frontend", "model": "ModelConfig", "load": "LoadConfig", "cache": "CacheConfig",
     "scheduler": "SchedulerConfig", "compilation": "CompilationConfig", "parallel": "ParallelConfig",
-    "observability": "ObservabilityConfig",
+    "structured_outputs": "StructuredOutputsConfig", "observability": "ObservabilityConfig",
 }
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from structured.config import StructuredOutputsConfig
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -92,6 +94,8 @@ class EngineArgs:
     enforce_eager: bool = arg(False, "Never compile or capture CUDA graphs.", group="compilation")
     cudagraph_capture_sizes: list[int] | None = arg(None, "Batch sizes to capture CUDA graphs for (default: 1, 2, 4, 8, then every 8 up to --max-cudagraph-capture-size).", group="compilation")
     max_cudagraph_capture_size: int = arg(512, "Largest batch captured in a CUDA graph.", group="compilation")
+    # structured outputs
+    structured_outputs_config: dict = arg({}, "JSON settings of grammar-constrained decoding: backend, disable_any_whitespace, disable_additional_properties, max_cache_entries, compile_threads, compile_workers.", group="structured_outputs")
     # parallel
     tensor_parallel_size: int = arg(1, "GPUs per model replica.", group="parallel")
     data_parallel_size: int = arg(1, "Model replicas.", group="parallel")
@@ -182,6 +186,7 @@ class EngineConfig:
     compilation: CompilationConfig
     parallel: ParallelConfig
     observability: ObservabilityConfig
+    structured_outputs: StructuredOutputsConfig
     device: torch.device
     args: EngineArgs
 
@@ -269,6 +274,7 @@ class EngineConfig:
             compilation=_compilation_config(args, device),
             parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size),
             observability=ObservabilityConfig(log_stats=not args.disable_log_stats),
+            structured_outputs=_structured_config(args),
             device=device,
             args=args,
         )
@@ -292,6 +298,15 @@ def _compilation_config(args: EngineArgs, device: torch.device) -> CompilationCo
         raise ValueError(f"cudagraph_capture_sizes must hold positive integers, got {sizes}")
     sizes = sorted({s for s in sizes if s <= largest})
     return CompilationConfig(level, args.enforce_eager, mode, sizes if mode != "NONE" else [])
+
+
+def _structured_config(args: EngineArgs) -> StructuredOutputsConfig:
+    values = _dict_arg(args.structured_outputs_config, "structured_outputs_config")
+    known = {f.name for f in fields(StructuredOutputsConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"structured_outputs_config has unknown keys {unknown}; known: {sorted(known)}")
+    return StructuredOutputsConfig(**values)
 
 
 def _dict_arg(value: dict | str | None, name: str) -> dict:
