@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+DEFAULT_MAX_CAPTURE_SIZE = 512
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -65,6 +66,7 @@ class EngineArgs:
     generation_config: str = arg("auto", "Sampling defaults: auto (the model's generation_config.json), vllm (none), or a folder.")
     override_generation_config: dict = arg({}, "JSON overriding fields of the generation config, e.g. '{\"temperature\": 0.5}'.")
     hf_overrides: dict = arg({}, "JSON overriding fields of the model's config.json.")
+    hf_config_path: str | None = arg(None, "Folder whose config.json describes the model; default: the model folder.")
     max_logprobs: int = arg(20, "Most logprobs a request may ask for (-1: no cap).")
     logprobs_mode: str = arg("raw_logprobs", "What logprobs return.", ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"))
     disable_sliding_window: bool = arg(False, "Attend over the whole context on sliding-window layers (caps max_model_len at the window).")
@@ -74,6 +76,9 @@ class EngineArgs:
                            ("auto", "safetensors", "pt", "dummy"), group="load")
     download_dir: str | None = arg(None, "Ignored offline: models are folders.", group="load")
     use_tqdm_on_load: bool = arg(True, "Show a progress bar per weight shard.", group="load")
+    ignore_patterns: list[str] | None = arg(None, "Weight files to skip: glob patterns on paths inside the model folder, e.g. 'original/**/*'.", group="load")
+    safetensors_load_strategy: str = arg("lazy", "lazy: memory-map each shard; eager: read each whole file first (faster on network filesystems).",
+                                         ("lazy", "eager"), group="load")
     # cache
     block_size: int = arg(16, "Tokens per KV-cache block.", BLOCK_SIZES, group="cache")
     gpu_memory_utilization: float = arg(0.9, "Fraction of GPU memory the engine may use (weights, activations, KV cache).", group="cache")
@@ -90,15 +95,17 @@ class EngineArgs:
     async_scheduling: bool = arg(True, "Schedule step N+1 before step N's tokens reach the host.", group="scheduler")
     stream_interval: int = arg(1, "Tokens per streamed chunk (the last chunk always comes).", group="scheduler")
     # compilation
-    optimization_level: int = arg(2, "-O0 eager, -O1 compile + piecewise graphs, -O2 + full decode graphs, -O3 + autotune.", (0, 1, 2, 3), group="compilation")
-    enforce_eager: bool = arg(False, "Never compile or capture CUDA graphs.", group="compilation")
+    optimization_level: int = arg(2, "-O0 eager, -O1 compile + piecewise graphs, -O2 + full decode graphs and fusions, -O3 + autotune. Sets defaults only: what -cc or a flag sets wins.", (0, 1, 2, 3), group="compilation")
+    enforce_eager: bool = arg(False, "Never capture CUDA graphs (cudagraph_mode NONE) and, unless -cc.mode says otherwise, never compile.", group="compilation")
     cudagraph_capture_sizes: list[int] | None = arg(None, "Batch sizes to capture CUDA graphs for (default: 1, 2, 4, 8, then every 8 up to --max-cudagraph-capture-size).", group="compilation")
-    max_cudagraph_capture_size: int = arg(512, "Largest batch captured in a CUDA graph.", group="compilation")
+    max_cudagraph_capture_size: int | None = arg(None, f"Largest batch captured in a CUDA graph (default {DEFAULT_MAX_CAPTURE_SIZE}; also capped by --max-num-seqs and --max-num-batched-tokens).", group="compilation")
+    compilation_config: dict = arg({}, "JSON settings of compilation and CUDA graphs: mode (none|compile), cudagraph_mode (NONE|PIECEWISE|FULL|FULL_DECODE_ONLY|FULL_AND_PIECEWISE), cudagraph_capture_sizes, max_cudagraph_capture_size, pass_config {enable_fusion}, inductor_compile_config. Keys set here win over -O's defaults.", group="compilation")
     # structured outputs
     structured_outputs_config: dict = arg({}, "JSON settings of grammar-constrained decoding: backend, disable_any_whitespace, disable_additional_properties, max_cache_entries, compile_threads, compile_workers.", group="structured_outputs")
     # parallel
     tensor_parallel_size: int = arg(1, "GPUs per model replica.", group="parallel")
     data_parallel_size: int = arg(1, "Model replicas.", group="parallel")
+    distributed_executor_backend: str | None = arg(None, "mp or uni: one process drives the one GPU either way.", ("mp", "uni"), group="parallel")
     # observability
     disable_log_stats: bool = arg(False, "Do not log throughput and cache statistics.", group="observability")
 
@@ -134,6 +141,8 @@ class ModelConfig:
 class LoadConfig:
     load_format: str
     use_tqdm: bool
+    ignore_patterns: list[str] = field(default_factory=list)
+    safetensors_load_strategy: str = "lazy"
 
 
 @dataclass
@@ -158,12 +167,54 @@ class SchedulerConfig:
     max_model_len: int
 
 
+CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+COMPILE_MODES = ("none", "compile")
+# What each -O level implies (../shared/DESIGN.md's table); every entry can be set by hand.
+LEVEL_DEFAULTS = {
+    0: dict(mode="none", cudagraph_mode="NONE", enable_fusion=False, max_autotune=False),
+    1: dict(mode="compile", cudagraph_mode="PIECEWISE", enable_fusion=False, max_autotune=False),
+    2: dict(mode="compile", cudagraph_mode="FULL_AND_PIECEWISE", enable_fusion=True, max_autotune=False),
+    3: dict(mode="compile", cudagraph_mode="FULL_AND_PIECEWISE", enable_fusion=True, max_autotune=True),
+}
+# vLLM's names and numbers for `mode`, accepted so that its -cc values work here.
+_VLLM_MODES = {"0": "none", "1": "compile", "2": "compile", "3": "compile", "no_compilation": "none",
+               "stock_torch_compile": "compile", "dynamo_trace_once": "compile", "vllm_compile": "compile"}
+_CC_KEYS = ("mode", "cudagraph_mode", "cudagraph_capture_sizes", "max_cudagraph_capture_size", "pass_config",
+            "inductor_compile_config")
+_PASS_KEYS = ("enable_fusion",)
+
+
 @dataclass
 class CompilationConfig:
+    """Resolved compilation settings: the -O level's defaults under what the user set."""
+
     level: int
     enforce_eager: bool
-    cudagraph_mode: str = "NONE"  # NONE | FULL_DECODE_ONLY
-    cudagraph_capture_sizes: list[int] = field(default_factory=list)
+    cudagraph_mode: str = "NONE"  # one of CUDAGRAPH_MODES
+    cudagraph_capture_sizes: list[int] = field(default_factory=list)  # empty when cudagraph_mode is NONE
+    mode: str = "none"  # none: eager; compile: torch.compile (inductor) of the pieces between attention calls
+    max_cudagraph_capture_size: int = 0
+    enable_fusion: bool = False
+    inductor_compile_config: dict = field(default_factory=dict)  # max_autotune at -O3
+    user_set: tuple[str, ...] = ()  # the settings the user gave (the rest came from the level)
+
+    @property
+    def full_decode_graphs(self) -> bool:
+        """Uniform decode batches replay one full graph (attention inside)."""
+        return self.cudagraph_mode in ("FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+
+    @property
+    def piecewise_graphs(self) -> bool:
+        """Other batches replay graphs of the compiled pieces between attention calls."""
+        return self.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE")
+
+    def describe(self) -> str:
+        sizes = self.cudagraph_capture_sizes
+        shown = f"{len(sizes)} sizes {sizes[0]}..{sizes[-1]}" if len(sizes) > 4 else str(sizes)
+        return (f"-O{self.level}{' (enforce_eager)' if self.enforce_eager else ''}: mode={self.mode} "
+                f"cudagraph_mode={self.cudagraph_mode} capture_sizes={shown} enable_fusion={self.enable_fusion} "
+                f"inductor_compile_config={self.inductor_compile_config}; set by the user: "
+                f"{', '.join(self.user_set) or 'nothing'}")
 
 
 @dataclass
@@ -202,7 +253,10 @@ class EngineConfig:
         path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
         if not (path / "config.json").is_file():
             raise ValueError(f"model {str(path)!r} is not a folder with a config.json (models load offline from a folder)")
-        hf_config = AutoConfig.from_pretrained(path, **_dict_arg(args.hf_overrides, "hf_overrides"))
+        config_path = Path(args.hf_config_path) if args.hf_config_path else path
+        if not (config_path / "config.json").is_file():
+            raise ValueError(f"hf_config_path {str(config_path)!r} is not a folder with a config.json")
+        hf_config = AutoConfig.from_pretrained(config_path, **_dict_arg(args.hf_overrides, "hf_overrides"))
         architecture = model_class(getattr(hf_config, "architectures", None)).__name__
         if args.disable_sliding_window:
             hf_config._disable_sliding_window = True
@@ -229,6 +283,10 @@ class EngineConfig:
             raise ValueError(f"optimization_level must be 0, 1, 2 or 3, got {args.optimization_level}")
         if args.tensor_parallel_size != 1 or args.data_parallel_size != 1:
             raise ValueError("tensor_parallel_size and data_parallel_size > 1 are not supported yet")
+        if args.distributed_executor_backend not in (None, "mp", "uni"):
+            raise ValueError(f"distributed_executor_backend must be mp or uni, got {args.distributed_executor_backend!r}")
+        if args.safetensors_load_strategy not in ("lazy", "eager"):
+            raise ValueError(f"safetensors_load_strategy must be lazy or eager, got {args.safetensors_load_strategy!r}")
         if args.kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"kv_cache_dtype must be auto, bfloat16, float16 or float32, got {args.kv_cache_dtype}")
 
@@ -262,16 +320,19 @@ class EngineConfig:
         elif model.tokenizer is None:
             model.tokenizer = str(path)
         kv_dtype = dtype if args.kv_cache_dtype == "auto" else _DTYPES[args.kv_cache_dtype]
+        compilation = resolve_compilation_config(args, device)
+        logger.info("compilation config: %s", compilation.describe())
         return cls(
             model=model,
-            load=LoadConfig(args.load_format, args.use_tqdm_on_load),
+            load=LoadConfig(args.load_format, args.use_tqdm_on_load, list(args.ignore_patterns or []),
+                            args.safetensors_load_strategy),
             cache=CacheConfig(args.block_size, args.gpu_memory_utilization, args.kv_cache_memory_bytes,
                               args.num_gpu_blocks_override, args.enable_prefix_caching,
                               args.prefix_caching_hash_algo, kv_dtype),
             scheduler=SchedulerConfig(batched, args.max_num_seqs, args.scheduling_policy,
                                       args.enable_chunked_prefill, args.async_scheduling,
                                       args.stream_interval, max_model_len),
-            compilation=_compilation_config(args, device),
+            compilation=compilation,
             parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size),
             observability=ObservabilityConfig(log_stats=not args.disable_log_stats),
             structured_outputs=_structured_config(args),
@@ -280,24 +341,77 @@ class EngineConfig:
         )
 
 
-def _compilation_config(args: EngineArgs, device: torch.device) -> CompilationConfig:
-    """What the optimization level implies, unless a flag says otherwise.
+def resolve_compilation_config(args: EngineArgs, device: torch.device) -> CompilationConfig:
+    """The -O level's defaults under what the user set (-cc keys, dedicated flags, --enforce-eager).
 
-    Today every level >= 1 replays uniform decode batches from full CUDA graphs (attention inside);
-    prefill and mixed batches run eagerly. torch.compile of the pieces comes with issue 8.
+    CUDA graphs exist on CUDA only: elsewhere cudagraph_mode resolves to NONE. A padded graph batch
+    must fit the input buffers (max_num_batched_tokens) and the seats (max_num_seqs), so capture
+    sizes above those are dropped.
     """
-    level = 0 if args.enforce_eager else args.optimization_level
-    mode = "FULL_DECODE_ONLY" if level >= 1 and device.type == "cuda" else "NONE"
-    # A padded batch must fit the input buffers (max_num_batched_tokens) and the seats.
+    cc = dict(_dict_arg(args.compilation_config, "compilation_config"))
+    unknown = sorted(set(cc) - set(_CC_KEYS))
+    if unknown:
+        raise ValueError(f"compilation_config has unknown keys {unknown}; known: {list(_CC_KEYS)}")
+    for key in ("cudagraph_capture_sizes", "max_cudagraph_capture_size"):
+        flag = getattr(args, key)
+        if flag is not None and key in cc and cc[key] != flag:
+            raise ValueError(f"{key} is given twice, differently: --{key.replace('_', '-')} {flag} and "
+                             f"compilation_config.{key}={cc[key]}")
+        if flag is not None:
+            cc[key] = flag
+    passes = _dict_arg(cc.get("pass_config"), "compilation_config.pass_config")
+    unknown = sorted(set(passes) - set(_PASS_KEYS))
+    if unknown:
+        raise ValueError(f"compilation_config.pass_config has unknown keys {unknown}; known: {list(_PASS_KEYS)}")
+    inductor = _dict_arg(cc.get("inductor_compile_config"), "compilation_config.inductor_compile_config")
+    user_set = [k for k in _CC_KEYS if k in cc and k not in ("pass_config", "inductor_compile_config")]
+    user_set += [f"pass_config.{k}" for k in passes] + [f"inductor_compile_config.{k}" for k in inductor]
+    if args.enforce_eager:
+        user_set.append("enforce_eager")
+
+    level = args.optimization_level
+    if level not in LEVEL_DEFAULTS:
+        raise ValueError(f"optimization_level must be 0, 1, 2 or 3, got {level}")
+    implied = LEVEL_DEFAULTS[0 if args.enforce_eager else level]
+
+    mode = cc.get("mode", implied["mode"])
+    mode = _VLLM_MODES.get(str(mode).lower(), str(mode).lower())
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compilation_config.mode must be one of {COMPILE_MODES}, got {cc['mode']!r}")
+    graphs = str(cc.get("cudagraph_mode", implied["cudagraph_mode"])).upper()
+    if graphs not in CUDAGRAPH_MODES:
+        raise ValueError(f"compilation_config.cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {cc['cudagraph_mode']!r}")
+    if args.enforce_eager and graphs != "NONE":
+        raise ValueError(f"enforce_eager means cudagraph_mode NONE, but compilation_config.cudagraph_mode is {graphs}")
+    if device.type != "cuda" and graphs != "NONE":
+        if "cudagraph_mode" in cc:
+            logger.warning("cudagraph_mode %s ignored: CUDA graphs need a CUDA device (this one is %s)", graphs, device)
+        graphs = "NONE"
+    fusion = passes.get("enable_fusion", implied["enable_fusion"])
+    if not isinstance(fusion, bool):
+        raise ValueError(f"compilation_config.pass_config.enable_fusion must be true or false, got {fusion!r}")
+    if implied["max_autotune"]:
+        inductor = {"max_autotune": True, **inductor}
+
+    largest = cc.get("max_cudagraph_capture_size", DEFAULT_MAX_CAPTURE_SIZE)
+    if not isinstance(largest, int) or isinstance(largest, bool) or largest < 1:
+        raise ValueError(f"max_cudagraph_capture_size must be an integer >= 1, got {largest!r}")
     batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
-    largest = min(args.max_cudagraph_capture_size, args.max_num_seqs, batched)
-    sizes = args.cudagraph_capture_sizes
+    fits = min(largest, args.max_num_seqs, batched)
+    sizes = cc.get("cudagraph_capture_sizes")
     if sizes is None:
-        sizes = [s for s in (1, 2, 4, *range(8, largest + 1, 8)) if s <= largest] + [largest]
-    elif any(s < 1 for s in sizes):
+        sizes = [s for s in (1, 2, 4, *range(8, fits + 1, 8)) if s <= fits] + [fits]
+    elif not isinstance(sizes, list) or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
         raise ValueError(f"cudagraph_capture_sizes must hold positive integers, got {sizes}")
-    sizes = sorted({s for s in sizes if s <= largest})
-    return CompilationConfig(level, args.enforce_eager, mode, sizes if mode != "NONE" else [])
+    elif graphs != "NONE" and any(s > fits for s in sizes):
+        logger.warning("capture sizes above %d dropped (max_cudagraph_capture_size, max_num_seqs and "
+                       "max_num_batched_tokens cap them): %s", fits, sorted(s for s in sizes if s > fits))
+    sizes = sorted({s for s in sizes if s <= fits}) if graphs != "NONE" else []
+    return CompilationConfig(
+        level=level, enforce_eager=args.enforce_eager, cudagraph_mode=graphs, cudagraph_capture_sizes=sizes,
+        mode=mode, max_cudagraph_capture_size=max(sizes, default=0), enable_fusion=fusion,
+        inductor_compile_config=inductor, user_set=tuple(user_set),
+    )
 
 
 def _structured_config(args: EngineArgs) -> StructuredOutputsConfig:

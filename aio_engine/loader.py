@@ -3,6 +3,7 @@ random weights of the right shapes (`--load-format dummy`). One tqdm bar step pe
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 from collections.abc import Iterator
@@ -29,20 +30,35 @@ def _pt_files(path: Path) -> list[Path]:
     return sorted(p for p in [*path.glob("*.bin"), *path.glob("*.pt")] if "training_args" not in p.name)
 
 
-def iterate_weights(path: Path, load_format: str, use_tqdm: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs from the folder, shard by shard."""
+def _ignored(path: Path, file: Path, patterns: list[str]) -> bool:
+    relative = file.relative_to(path).as_posix()
+    return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(file.name, p) for p in patterns)
+
+
+def iterate_weights(path: Path, load_format: str, use_tqdm: bool, ignore_patterns: list[str] | None = None,
+                    safetensors_load_strategy: str = "lazy") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from the folder, shard by shard; files matching ignore_patterns are skipped.
+
+    lazy memory-maps each safetensors shard; eager reads the whole file first (one sequential read,
+    faster than page faults on network filesystems).
+    """
     files: list[Path] = []
     kind = load_format
+    patterns = list(ignore_patterns or [])
     if load_format in ("auto", "safetensors"):
-        files = _safetensors_files(path)
+        files = [f for f in _safetensors_files(path) if not _ignored(path, f, patterns)]
         kind = "safetensors"
     if not files and load_format in ("auto", "pt"):
-        files = _pt_files(path)
+        files = [f for f in _pt_files(path) if not _ignored(path, f, patterns)]
         kind = "pt"
     if not files:
         raise ValueError(f"no weights for load_format={load_format!r} in {path} (use --load-format dummy for random weights)")
     for file in tqdm(files, desc="Loading weights", unit="shard", disable=not use_tqdm or len(files) < 2):
-        if kind == "safetensors":
+        if kind == "safetensors" and safetensors_load_strategy == "eager":
+            from safetensors.torch import load
+
+            yield from load(file.read_bytes()).items()
+        elif kind == "safetensors":
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as f:
@@ -76,7 +92,8 @@ def load_model(config: EngineConfig) -> torch.nn.Module:
     else:
         weights = (
             (name, tensor.to(mc.dtype) if tensor.is_floating_point() else tensor)
-            for name, tensor in iterate_weights(mc.path, config.load.load_format, config.load.use_tqdm)
+            for name, tensor in iterate_weights(mc.path, config.load.load_format, config.load.use_tqdm,
+                                                config.load.ignore_patterns, config.load.safetensors_load_strategy)
         )
         loaded = model.load_weights(weights)
         missing = set(dict(model.named_parameters())) - loaded

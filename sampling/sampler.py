@@ -54,7 +54,8 @@ class Sampler:
             tokens = gumbel_argmax(logits, md.keys, inv_temp, floor)
             if md.candidate_rows is not None:
                 rows = md.candidate_rows
-                tokens[rows] = _sample_candidates(logits[rows] * inv_temp[rows, None], md, rows, floor[rows] * inv_temp[rows])
+                picked = _sample_candidates(logits[rows] * inv_temp[rows, None], md, rows, floor[rows] * inv_temp[rows])
+                tokens.index_copy_(0, rows, picked)
             tokens = torch.where(temperature > 0, tokens, greedy)
             if md.num_logprobs >= 0 and raw is None:
                 processed = _as_mode(_processed_logits(logits, md, inv_temp, floor), md.logprobs_mode)
@@ -69,18 +70,21 @@ def _as_mode(logits: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
+    # Flat indices and index_* ops: `t[rows, ids] = scalar` would copy the scalar from the host.
+    vocab = logits.shape[1]
+    flat = logits.view(-1)
     if md.allowed is not None:
         rows, ids, has_list = md.allowed
         keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[rows, ids] = True
+        keep.view(-1).index_fill_(0, rows * vocab + ids, True)
         keep |= ~has_list[:, None]
         logits.masked_fill_(~keep, NEG_INF)
     if md.bias is not None:
         rows, ids, values = md.bias
-        logits.index_put_((rows, ids), values, accumulate=True)
+        flat.index_add_(0, rows * vocab + ids, values)
     if md.banned is not None:
         rows, ids = md.banned
-        logits[rows, ids] = NEG_INF
+        flat.index_fill_(0, rows * vocab + ids, NEG_INF)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
@@ -135,7 +139,7 @@ def _processed_logits(logits: torch.Tensor, md: SamplingMetadata, inv_temp: torc
         rows = md.candidate_rows
         vals, ids = scaled[rows].sort(dim=-1, descending=True)
         kept = _keep_candidates(vals, md, rows, floor[rows] * inv_temp[rows])
-        scaled[rows] = torch.full_like(vals, NEG_INF).scatter(1, ids, kept)
+        scaled.index_copy_(0, rows, torch.full_like(vals, NEG_INF).scatter(1, ids, kept))
     return torch.where(md.temperature[:, None] > 0, scaled, logits)
 
 

@@ -56,13 +56,20 @@ async def start_server(engine: AsyncEngine, settings: ServerSettings, host: str,
     """Start serving in the background; `await runner.cleanup()` stops it."""
     app = build_app(engine, settings)
     log = {} if settings.access_log else {"access_log": None}
-    runner = web.AppRunner(app, handler_cancellation=True, **log)
+    limits = dict(max_line_size=settings.h11_max_incomplete_event_size,
+                  max_field_size=settings.h11_max_incomplete_event_size, max_headers=settings.h11_max_header_count)
+    runner = web.AppRunner(app, handler_cancellation=True, **log, **limits)
     await runner.setup()
     ssl_context = build_ssl_context(settings)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
     scheme = "https" if ssl_context else "http"
-    logger.info("serving %s on %s://%s:%d%s", settings.served_model_names, scheme, host, port, settings.root_path)
+    if settings.uds:
+        site: web.BaseSite = web.UnixSite(runner, settings.uds, ssl_context=ssl_context)
+        where = f"{scheme}+unix://{settings.uds}"
+    else:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        where = f"{scheme}://{host}:{port}"
+    await site.start()
+    logger.info("serving %s on %s%s", settings.served_model_names, where, settings.root_path)
     return runner
 
 

@@ -8,6 +8,7 @@ are added when a response is prepared, so streamed responses get them too.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +20,7 @@ from .settings import ServerSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", ServerSettings)
+logger = logging.getLogger(__name__)
 
 
 def strip_root(settings: ServerSettings, path: str) -> str:
@@ -33,6 +35,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except Exception as e:  # noqa: BLE001 - CancelledError (client gone) is a BaseException and passes
         status, body = error_from_exception(e, f"{request.method} {request.path}")
+        if status < 500 and request.app[SETTINGS].log_error_stack:  # 5xx are logged with their stack anyway
+            logger.info("error response %d on %s %s", status, request.method, request.path, exc_info=e)
         return json_response(body, status)
 
 

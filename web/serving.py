@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,9 +28,11 @@ from .errors import OverloadedError, RequestError
 from .metrics import ServerMetrics
 from .protocol import StreamOptions, expect
 from .responses import TokenNamer, head, now, usage
-from .settings import ServerSettings
+from .settings import ServerSettings, clip
 
 LARGE_PROMPT_CHARS = 20_000
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,10 @@ class Generation:
     async def start(self) -> None:
         """Queue every engine request now; the engine's refusals raise here, before any response."""
         engine = self.ctx.engine
+        settings = self.ctx.settings
+        if settings.enable_log_requests:
+            for (prompt, params), rid in zip(self.inputs, self.request_ids):
+                logger.info("request %s: prompt %s, params %s", rid, clip(prompt, settings.max_log_len), params)
         self._gens = [engine.generate(prompt, params, rid, self.priority)
                       for (prompt, params), rid in zip(self.inputs, self.request_ids)]
         # The first step of each generator registers its request (it then waits for a token).
@@ -128,6 +135,8 @@ class Generation:
     async def _one(self, i: int) -> AsyncIterator[RequestOutput]:
         """Outputs of engine request i, with the timings metrics need."""
         last, tokens, gaps = None, 0, []
+        log_outputs = self.ctx.settings.enable_log_outputs
+        texts: dict[int, str] = {}
         out = await self._firsts[i]
         while True:
             t = time.monotonic()
@@ -137,8 +146,16 @@ class Generation:
             if new:
                 last = t
             tokens += new  # DELTA outputs add up; a FINAL_ONLY output holds them all
+            if log_outputs:
+                for c in out.outputs:
+                    texts[c.index] = texts.get(c.index, "") + c.text
             if out.finished:
                 self.ctx.metrics.observe_finished(out, tokens, gaps)
+                if log_outputs:
+                    limit = self.ctx.settings.max_log_len
+                    logger.info("request %s finished (%s): %s", self.request_ids[i],
+                                ", ".join(str(c.finish_reason) for c in out.outputs),
+                                " | ".join(clip(repr(texts[k]), limit) for k in sorted(texts)))
             yield out
             if out.finished:
                 return

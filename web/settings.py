@@ -69,6 +69,14 @@ class ServerSettings:
     ssl_certfile: str | None = opt(None, "TLS certificate file.")
     ssl_ca_certs: str | None = opt(None, "CA certificates to verify client certificates.")
     ssl_cert_reqs: int = opt(int(ssl.CERT_NONE), "Client certificates: 0 none, 1 optional, 2 required.", (0, 1, 2))
+    uds: str | None = opt(None, "Listen on this Unix domain socket instead of --host/--port.")
+    h11_max_incomplete_event_size: int = opt(16384, "Longest request line or header field in bytes (aiohttp's max_line_size and max_field_size).")
+    h11_max_header_count: int = opt(256, "Most headers in one request (aiohttp's max_headers).")
+    # Logging
+    enable_log_requests: bool = opt(False, "Log each request's prompt and sampling parameters.")
+    enable_log_outputs: bool = opt(False, "Log each request's generated text when it finishes.")
+    max_log_len: int | None = opt(None, "Longest prompt or output logged, in characters (default: no limit).")
+    log_error_stack: bool = opt(False, "Log the stack trace of error responses, not only of internal errors.")
     # Websocket and chat page
     ws_max_message_bytes: int = opt(4 * 2**20, "Largest websocket message; larger ones close the socket (1009).")
     enable_chat_page: bool = opt(True, "Serve the chat page at /.")
@@ -93,7 +101,9 @@ class ServerSettings:
             raise ValueError("ssl_keyfile and ssl_certfile go together")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
-        for name in ("max_body_bytes", "ws_max_message_bytes"):
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0, got {self.max_log_len}")
+        for name in ("max_body_bytes", "ws_max_message_bytes", "h11_max_incomplete_event_size", "h11_max_header_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.root_path = "/" + self.root_path.strip("/") if self.root_path.strip("/") else ""
@@ -102,6 +112,12 @@ class ServerSettings:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+
+def clip(text: object, limit: int | None) -> str:
+    """`text` for a log line, cut at `limit` characters (--max-log-len)."""
+    text = str(text)
+    return text if limit is None or len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more)"
 
 
 def load_chat_template(value: str | None) -> str | None:
