@@ -106,7 +106,10 @@ class AsyncEngine:
             # Tokenizing a huge prompt takes long: keep the loop free.
             loop = asyncio.get_running_loop()
             _, prompt_token_ids = await loop.run_in_executor(None, self.core.tokenize_prompt, prompt)
-        request_id = self.core.add_request(request_id, prompt, params, priority, prompt_token_ids)[0].parent_id
+        grammar = None
+        if params.structured_outputs is not None:  # compiled in a worker thread; the loop runs on
+            grammar = await self.core.grammars.compile(params.structured_outputs)
+        request_id = self.core.add_request(request_id, prompt, params, priority, prompt_token_ids, grammar)[0].parent_id
         collector = RequestCollector(params.output_kind)
         self._collectors[request_id] = collector
         self._wakeup.set()

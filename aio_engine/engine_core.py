@@ -7,6 +7,7 @@ A step is three calls so that the async engine can run the middle one off the ev
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -87,10 +88,21 @@ class EngineCore:
                                                   tokenize=False, **kwargs)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    @functools.cached_property
+    def grammars(self):
+        """The grammar compiler of this tokenizer (made on first use: xgrammar loads slowly)."""
+        from structured.compiler import GrammarCompilerService
+
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer (the engine runs with --skip-tokenizer-init)")
+        return GrammarCompilerService(self.tokenizer, self.config.model.vocab_size,
+                                      config=self.config.structured_outputs, stop_token_ids=list(self.eos_token_ids))
+
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, prompt_token_ids: list[int] | None = None) -> list[Request]:
+                    priority: int = 0, prompt_token_ids: list[int] | None = None, grammar=None) -> list[Request]:
         """Validate and queue a request (n sequences for n > 1); ValueError for anything the
-        engine cannot serve. Returns the queued sequences."""
+        engine cannot serve. Returns the queued sequences. `grammar` is the compiled grammar of
+        params.structured_outputs when the caller compiled it already (off the event loop)."""
         params = self.default_sampling_params() if params is None else params
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -110,6 +122,8 @@ class EngineCore:
         if params.max_tokens is None:
             params = replace(params, max_tokens=max(1, mc.max_model_len - len(prompt_token_ids)))
         bad_words_ids = self._bad_words_ids(params.bad_words or [])
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.grammars.compile_sync(params.structured_outputs)
         samples: list[Request] = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(62)
@@ -119,6 +133,11 @@ class EngineCore:
                 priority, seed=seed, bad_words_ids=bad_words_ids, index=i, parent_id=request_id,
                 wait_for=samples[0] if share_prefix else None,
             ))
+        if grammar is not None:
+            from structured.matcher import RequestGrammar
+
+            for sample in samples:
+                sample.grammar = RequestGrammar(grammar)
         added: list[Request] = []
         try:
             for sample in samples:
@@ -193,7 +212,18 @@ class EngineCore:
         self.num_steps += 1
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
+        for request in changed:
+            if request.grammar is not None and not request.status.finished:
+                self._advance_grammar(request)
         return self.outputs.process(changed, self.scheduler.finish_request)
+
+    def _advance_grammar(self, request: Request) -> None:
+        """The grammar takes the new token; a complete output ends the request ("stop")."""
+        if not request.grammar.accept_token(request.output_token_ids[-1]):
+            logger.error("request %s: token %d breaks its grammar", request.request_id, request.output_token_ids[-1])
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+        elif request.grammar.is_terminated:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def step(self) -> list[RequestOutput]:
         """One iteration. With async scheduling the next step is launched before the one in

@@ -7,6 +7,7 @@ pinned on CUDA, copied non-blocking). It never decides who runs: the scheduler d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -292,6 +293,7 @@ class ModelRunner:
         rows: list[SamplingRow] = []
         prompt_spans: list[tuple[int, int, int]] = []  # (row, first, last): positions whose next token is known
         carried: list[tuple[int, int]] = []  # (row, row of its sampled token in `prev`)
+        grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
         for i, sched in enumerate(out.scheduled):
             r = sched.request
             start = sched.start
@@ -301,6 +303,9 @@ class ModelRunner:
                 carried.append((i, prev.sample_row[r.request_id]))
             seqs.append((tokens, start, r.block_ids))
             if sched.samples:
+                if r.grammar is not None:
+                    grammars.append(r.grammar)
+                    grammar_rows.append(len(sample_rows))
                 sample_rows.append(i)
                 step = r.num_output_tokens + r.num_pending - 1  # tokens before this one: the stream's counter
                 rows.append(SamplingRow(r.sampling_params, r.seed, step, r.output_token_ids,
@@ -323,7 +328,11 @@ class ModelRunner:
                 step.prompt_logprobs = self._prompt_logprobs(hidden, meta, prompt_spans, out)
             if sample_rows:
                 md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode)
-                step.sampled = self.sampler(logits, md)
+                constrain = None
+                if grammars:  # filled on the host while the GPU runs the forward
+                    self.bitmask.fill(grammars, grammar_rows)
+                    constrain = self.bitmask.apply
+                step.sampled = self.sampler(logits, md, constrain)
                 if self.stream is None:  # CPU: the ids are already home
                     step.host_ids = step.sampled.token_ids
                 else:
@@ -333,6 +342,13 @@ class ModelRunner:
                 step.done = torch.cuda.Event()
                 step.done.record()
         return step
+
+    @functools.cached_property
+    def bitmask(self):
+        """The token bitmask of a step's constrained rows (made on first use: xgrammar loads slowly)."""
+        from structured.bitmask import BatchBitmask
+
+        return BatchBitmask(self.max_num_seqs, self.config.model.vocab_size, self.device)
 
     def _carry_tokens(self, seqs, carried, prev: LaunchedStep):
         """A function that writes `prev`'s sampled ids into this step's device input ids."""

@@ -61,6 +61,7 @@ class Request:
         self.index = index
         self.parent_id = parent_id or request_id
         self.wait_for = wait_for
+        self.grammar = None  # structured.RequestGrammar when the output is constrained
         # Filled by the KV-cache manager.
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
@@ -84,7 +85,8 @@ class Request:
         """Tokens this request may not sample next: stop tokens before min_tokens, bad-word endings."""
         params = self.sampling_params
         banned: list[int] = []
-        if self.num_output_tokens < params.min_tokens:
+        grammar_done = self.grammar is not None and self.grammar.is_completed
+        if self.num_output_tokens < params.min_tokens and not grammar_done:  # a complete grammar allows only stops
             if not params.ignore_eos:
                 banned.extend(self.eos_token_ids)
             banned.extend(params.stop_token_ids)

@@ -9,6 +9,7 @@ tokens do not depend on the batch. No host sync here: the caller copies the ids 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,15 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        """float32 logits [rows, vocab] (modified in place) -> SamplerOutput."""
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata,
+                 constrain: Callable[[torch.Tensor], None] | None = None) -> SamplerOutput:
+        """float32 logits [rows, vocab] (modified in place) -> SamplerOutput. `constrain` masks
+        the logits in place first (the grammars' token bitmask), after raw logprobs are read."""
         raw = None
         if md.num_logprobs >= 0 and md.logprobs_mode.startswith("raw"):
             raw = _as_mode(logits, md.logprobs_mode)
+        if constrain is not None:
+            constrain(logits)
         apply_logits_processors(logits, md)
         apply_penalties(logits, md)
         greedy = logits.argmax(dim=-1)
