@@ -106,7 +106,14 @@ class KVCacheManager:
     # --- allocation ---
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Make the request's blocks cover num_computed + num_new tokens; False (nothing changed) if short."""
-        cached_blocks = cached_blocks or []
+        if not cached_blocks:  # the common decode case: usually no new block at all
+            new = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+            if new <= 0:
+                return True
+            if new > self.num_free_blocks:
+                return False
+            request.block_ids.extend(self._take_free_block() for _ in range(new))
+            return True
         covered = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
         needed = self.blocks_needed(covered)
         new = needed - len(request.block_ids) - len(cached_blocks)
@@ -117,6 +124,7 @@ class KVCacheManager:
         for block in cached_blocks:
             self._touch(block)
         request.block_ids.extend(cached_blocks)
+        request.num_hashed_blocks = len(request.block_ids)  # cache hits are registered already
         request.block_ids.extend(self._take_free_block() for _ in range(max(new, 0)))
         return True
 
@@ -124,15 +132,19 @@ class KVCacheManager:
         """Register the request's blocks whose tokens are all computed, so others can find them."""
         if not self.enable_prefix_caching:
             return
+        full = min(num_computed_tokens // self.block_size, len(request.block_ids))
+        if full <= request.num_hashed_blocks:
+            return  # no block filled up since the last call
         self._update_hashes(request)
-        full = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(request.block_ids))
-        for i in range(full):
+        full = min(full, len(request.block_hashes))
+        for i in range(request.num_hashed_blocks, full):
             block = request.block_ids[i]
             if self.block_hash[block] is not None:
                 continue
             block_hash = request.block_hashes[i]
             self.block_hash[block] = block_hash
             self.cached.setdefault(block_hash, block)
+        request.num_hashed_blocks = max(request.num_hashed_blocks, full)
 
     def free(self, request: Request) -> None:
         """Drop the request's hold on its blocks; its last blocks become the first evicted."""
@@ -141,6 +153,7 @@ class KVCacheManager:
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
         request.block_ids = []
+        request.num_hashed_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for block in self.cached.values():

@@ -146,8 +146,10 @@ class ParentState:
     def make_output(self) -> RequestOutput | None:
         """The output due now, or None (stream interval not reached; FINAL_ONLY before the end)."""
         finished = self.finished
+        if self.kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
         due = [s for s in self.samples if s.due(self.stream_interval, self.kind)]
-        if not due or (self.kind == RequestOutputKind.FINAL_ONLY and not finished):
+        if not due:
             return None
         chosen = due if self.kind == RequestOutputKind.DELTA else self.samples
         outputs = [s.completion(self.kind) for s in chosen]
@@ -217,7 +219,7 @@ class OutputProcessor:
 
     def _emit(self, parent: ParentState) -> RequestOutput | None:
         out = parent.make_output()
-        if parent.finished:
+        if out is not None and out.finished:
             del self.parents[parent.request_id]
             for s in parent.samples:
                 self.sample_of.pop(s.request.request_id, None)

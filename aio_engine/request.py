@@ -65,6 +65,7 @@ class Request:
         # Filled by the KV-cache manager.
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
+        self.num_hashed_blocks = 0  # leading blocks of block_ids registered in the prefix cache
 
     @property
     def num_tokens(self) -> int:
