@@ -56,8 +56,11 @@ def _with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[
     else:
         path, rest = argv[i].split("=", 1)[1], argv[:i] + argv[i + 1:]
     tokens = config_file_args(parser, path)
-    # After a leading positional MODEL (so that a list flag of the file cannot swallow it).
+    # After a leading positional MODEL (so that a list flag of the file cannot swallow it), which
+    # then wins over the file's `model`.
     head = 1 if rest and not rest[0].startswith("-") else 0
+    if head:
+        tokens = [t for t in tokens if not t.startswith("--model=")]
     return rest[:head] + tokens + rest[head:]
 
 

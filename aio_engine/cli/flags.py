@@ -44,6 +44,14 @@ SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "comp
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 # Settings this engine takes, but only at one value for now.
 ONLY_VALUE = {"tensor_parallel_size": ("--tensor-parallel-size", 1), "data_parallel_size": ("--data-parallel-size", 1)}
+# vLLM's values of flags we have that name features we have not: "not supported yet", not "invalid choice".
+NOT_SUPPORTED_VALUES = {
+    "distributed_executor_backend": ("ray", "external_launcher"),
+    "kv_cache_dtype": ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla"),
+    "load_format": ("gguf", "bitsandbytes", "npcache", "sharded_state", "tensorizer", "runai_streamer",
+                    "fastsafetensors", "mistral"),
+    "tokenizer_mode": ("mistral", "custom"),
+}
 
 # vLLM flags of features not implemented here: (flags, what, accepted values). None: a --x/--no-x
 # boolean whose --no-x is accepted; a tuple: the values that mean "off" (compared lower-case).
@@ -105,14 +113,18 @@ class NotSupportedAction(argparse.Action):
         self.accepted = accepted
         if accepted is None:  # a boolean: --x and --no-x
             option_strings = [*option_strings, *("--no-" + s[2:] for s in option_strings if s.startswith("--"))]
-        kwargs.update(nargs=0 if accepted is None else "*", default=argparse.SUPPRESS)
+        # Always refused: take every value that follows, to show them. With an off value: exactly one,
+        # so that `-pp 1 MODEL` leaves MODEL alone.
+        kwargs.update(nargs=0 if accepted is None else (None if accepted else "*"), default=argparse.SUPPRESS)
+        if accepted is not None:
+            kwargs["metavar"] = "VALUE"
         off = "" if not accepted else f" (accepted: {', '.join(repr(a) for a in accepted)})"
         super().__init__(option_strings, dest, help=f"Not supported yet: {what}.{off}", **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         if self.accepted is None and option_string.startswith("--no-"):
             return
-        if self.accepted and len(values) == 1 and str(values[0]).lower() in self.accepted:
+        if self.accepted and str(values).lower() in self.accepted:
             return
         long = self.option_strings[0]
         not_supported(option_string if option_string == long else f"{option_string} ({long})", values)
@@ -195,7 +207,9 @@ def _add_field(group, f: dataclasses.Field, hint, flags: list[str]) -> argparse.
     elif base is float:
         kw["type"] = float
     if meta.get("choices"):
-        kw["choices"] = meta["choices"]
+        kw["choices"] = tuple(meta["choices"]) + NOT_SUPPORTED_VALUES.get(f.name, ())
+        if f.name in NOT_SUPPORTED_VALUES:
+            kw["help"] += f" Not supported yet: {', '.join(NOT_SUPPORTED_VALUES[f.name])}."
     return group.add_argument(*flags, **kw)
 
 
@@ -260,6 +274,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     for name, (flag, only) in ONLY_VALUE.items():
         if values.get(name, only) != only:
             not_supported(flag, values[name])
+    for name, refused in NOT_SUPPORTED_VALUES.items():
+        if values.get(name) in refused:
+            not_supported("--" + name.replace("_", "-"), values[name])
     return EngineArgs(**values)
 
 
