@@ -70,6 +70,7 @@ class AsyncEngine:
         self._stepping = False
         self._pending_aborts: set[str] = set()
         self.dead_error: BaseException | None = None
+        self._grammars: asyncio.Future | None = None  # the core's grammar compiler, made off the loop
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
@@ -108,7 +109,7 @@ class AsyncEngine:
             _, prompt_token_ids = await loop.run_in_executor(None, self.core.tokenize_prompt, prompt)
         grammar = None
         if params.structured_outputs is not None:  # compiled in a worker thread; the loop runs on
-            grammar = await self.core.grammars.compile(params.structured_outputs)
+            grammar = await self.compile_grammar(params.structured_outputs)
         request_id = self.core.add_request(request_id, prompt, params, priority, prompt_token_ids, grammar)[0].parent_id
         collector = RequestCollector(params.output_kind)
         self._collectors[request_id] = collector
@@ -123,6 +124,17 @@ class AsyncEngine:
             self._collectors.pop(request_id, None)
             if not finished:
                 self._abort_now_or_after_step(request_id)
+
+    async def compile_grammar(self, structured_outputs):
+        """The compiled grammar of a StructuredOutputsParams (cached); ValueError if it is invalid.
+
+        Everything slow happens in worker threads: the compile, and on first use importing xgrammar
+        and reading the vocabulary into the compiler (seconds, for a large vocabulary).
+        """
+        if self._grammars is None:
+            self._grammars = asyncio.get_running_loop().run_in_executor(None, lambda: self.core.grammars)
+        grammars = await asyncio.shield(self._grammars)
+        return await grammars.compile(structured_outputs)
 
     async def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
                    request_id: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,

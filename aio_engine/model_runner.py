@@ -224,8 +224,12 @@ class ModelRunner:
         Inputs live in the staging buffers' device halves and in `graph_tables` (fixed strides),
         so a replay only needs those refilled. Largest first, all in one memory pool.
         """
-        sizes = self.config.compilation.cudagraph_capture_sizes
-        if not sizes or self.device.type != "cuda":
+        compilation = self.config.compilation
+        sizes = compilation.cudagraph_capture_sizes
+        if compilation.piecewise_graphs or compilation.mode != "none":
+            logger.warning("cudagraph_mode %s / mode %s: piecewise graphs and torch.compile are not implemented "
+                           "yet; prefill and mixed batches run eagerly", compilation.cudagraph_mode, compilation.mode)
+        if not compilation.full_decode_graphs or not sizes or self.device.type != "cuda":
             return
         start = time.perf_counter()
         self.graph_tables = torch.zeros(max(sizes), self.max_blocks_per_seq, dtype=torch.int32, device=self.device)

@@ -1,16 +1,24 @@
-"""Structured outputs, library level: grammar compile time (cold and cached) and the per-step cost
-of the batch bitmask (fill on the CPU, apply on the logits' device), without the engine.
+"""Structured outputs: grammar compile time (cold and cached), the per-step cost of the batch
+bitmask, and decode throughput through the engine, constrained vs unconstrained.
 
-  python benchmarks/structured.py                                   # embedded model's tokenizer
-  python benchmarks/structured.py --tokenizer path/to/Qwen3-0.6B --vocab-size 151936 --device cuda
+--mode library: structured/ alone (compile, fill on the CPU, apply on the logits' device).
+--mode engine: an LLM on a model (default: Qwen3-0.6B's config, dummy weights, bf16 on CUDA) with the
+  embedded model's tokenizer (its ids fit Qwen's 151936-row vocabulary; ids past it are padding,
+  never allowed). `--batch` requests run once unconstrained (ignore_eos, max_tokens) and once under
+  SCHEMA (same max_tokens; a random model rarely closes a free string, so most run to max_tokens).
+  Reported: decode tokens/s of each (steps that compute no prompt tokens) and their ratio (issue 5's
+  goal: >= 90%), output tokens/s end to end, the bitmask fill per step and per request, the compiler
+  made for the model's vocabulary, and the schema's compile cold and cached.
 
-The engine-level figure of issue 5 (decode throughput constrained vs unconstrained) needs the
-engine wiring; this script isolates the part structured/ owns.
+  python benchmarks/structured.py --mode library --tokenizer path/to/Qwen3-0.6B --vocab-size 151936 --device cuda
+  python benchmarks/structured.py --mode engine --json out.json                       # batch 64, on the GPU
+  python benchmarks/structured.py --mode engine --batch 4 --max-tokens 24 --max-model-len 256   # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,7 +36,9 @@ from structured import (  # noqa: E402
     accept_batch,
 )
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "aio_engine" / "default_model"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOKENIZER = ROOT / "aio_engine" / "default_model"
+DEFAULT_MODEL = ROOT / "benchmarks" / "models" / "qwen3-0.6b"
 # A JSON schema of moderate size: nesting, arrays, enums, ranges, patterns, optional fields.
 SCHEMA = {
     "type": "object",
@@ -49,14 +59,34 @@ SCHEMA = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("library", "engine", "all"), default="all")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    parser.add_argument("--vocab-size", type=int, default=None, help="the model's lm_head width (>= tokenizer's)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="library: the lm_head width (>= tokenizer's)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="library: bitmask steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    engine = parser.add_argument_group("engine mode")
+    engine.add_argument("--model", default=str(DEFAULT_MODEL))
+    engine.add_argument("--load-format", default="dummy")
+    engine.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, the engine's default on CPU")
+    engine.add_argument("--max-tokens", type=int, default=256, help="per request, constrained or not")
+    engine.add_argument("--max-model-len", type=int, default=1024)
+    engine.add_argument("--any-whitespace", action="store_true", help="let the JSON grammar allow free whitespace")
+    engine.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    results = {}
+    if args.mode in ("library", "all"):
+        results["library"] = library(args)
+    if args.mode in ("engine", "all"):
+        results["engine"] = engine_level(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
+
+def library(args) -> dict:
+    """structured/ alone: compile, and fill + apply over a batch of matchers fed random tokens."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -103,6 +133,123 @@ def main() -> None:
     print(f"| {info_s:.3f} | {cold_s * 1e3:.1f} | {cached_s * 1e6:.1f} | {fill_ms:.3f} | "
           f"{fill_ms * 1e3 / args.batch:.1f} | {apply_ms:.3f} |")
     service.close()
+    return {"tokenizer": Path(args.tokenizer).name, "vocab_size": vocab, "batch": args.batch, "device": args.device,
+            "tokenizer_info_s": info_s, "compile_cold_ms": cold_s * 1e3, "compile_cached_us": cached_s * 1e6,
+            "fill_per_step_ms": fill_ms, "fill_per_row_us": fill_ms * 1e3 / args.batch, "apply_per_step_ms": apply_ms}
+
+
+def engine_level(args) -> dict:
+    """Decode throughput through LLM, unconstrained then constrained by SCHEMA, and the bitmask's cost."""
+    from aio_engine import LLM, SamplingParams
+
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "auto")
+    start = time.perf_counter()
+    llm = LLM(args.model, tokenizer=args.tokenizer, load_format=args.load_format, dtype=dtype, device=args.device,
+              max_num_seqs=max(args.batch, 1), max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              use_tqdm_on_load=False)
+    startup_s = time.perf_counter() - start
+    core = llm.core
+    vocab = core.config.model.vocab_size
+    start = time.perf_counter()
+    service = core.grammars  # made on first use: xgrammar's tables of the whole vocabulary
+    compiler_s = time.perf_counter() - start
+    structured = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=not args.any_whitespace)
+    start = time.perf_counter()
+    service.compile_sync(structured)
+    cold_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(100):
+        service.compile_sync(structured)
+    cached_s = (time.perf_counter() - start) / 100
+
+    # Every bitmask fill of the engine, timed: (seconds, rows filled).
+    bitmask = core.runner.bitmask
+    fill = bitmask.fill
+    fills: list[tuple[float, int]] = []
+
+    def timed_fill(grammars, rows):
+        start = time.perf_counter()
+        fill(grammars, rows)
+        fills.append((time.perf_counter() - start, len(rows)))
+
+    bitmask.fill = timed_fill
+    prompts = [f"Record {i} of the registry, as JSON:" for i in range(args.batch)]
+
+    def params(constrained: bool, seed: int) -> SamplingParams:
+        if constrained:
+            return SamplingParams(temperature=1.0, seed=seed, max_tokens=args.max_tokens, structured_outputs=structured)
+        return SamplingParams(temperature=1.0, seed=seed, max_tokens=args.max_tokens, ignore_eos=True)
+
+    # Warm up both paths (CUDA graphs, Triton, the sampler and bitmask buffers).
+    for constrained in (False, True):
+        llm.generate(prompts[:2], [params(constrained, 0)] * 2, use_tqdm=False)
+    fills.clear()
+
+    runs = {}
+    for name, constrained in (("unconstrained", False), ("constrained", True)):
+        fills.clear()
+        runs[name] = _timed_batch(core, prompts, [params(constrained, i) for i in range(args.batch)])
+        runs[name]["fill_calls"] = len(fills)
+        if constrained:
+            runs[name]["fill_per_step_ms"] = statistics.median(t for t, _ in fills) * 1e3 if fills else 0.0
+            runs[name]["fill_per_row_us"] = sum(t for t, _ in fills) / max(1, sum(n for _, n in fills)) * 1e6
+    assert runs["unconstrained"]["fill_calls"] == 0, "an unconstrained batch filled bitmask rows"
+    free, bound = runs["unconstrained"], runs["constrained"]
+    ratio = bound["decode_tok_s"] / free["decode_tok_s"] if free["decode_tok_s"] else float("nan")
+    print(f"model {Path(args.model).name} ({args.load_format}, {core.config.model.dtype}), tokenizer "
+          f"{Path(args.tokenizer).name}, vocab {vocab}, batch {args.batch}, max_tokens {args.max_tokens}, "
+          f"device {core.config.device}, startup {startup_s:.1f}s")
+    print("| run | decode tok/s | output tok/s | mean output len | finished by grammar | valid JSON | "
+          "fill / step (ms) | fill / request (us) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        fill_cells = (f"{run['fill_per_step_ms']:.3f} | {run['fill_per_row_us']:.1f}" if name == "constrained"
+                      else "- | -")
+        print(f"| {name} | {run['decode_tok_s']:.0f} | {run['output_tok_s']:.0f} | {run['mean_output_len']:.1f} | "
+              f"{run['stopped']}/{args.batch} | {run['valid'] if name == 'constrained' else '-'} | {fill_cells} |")
+    print(f"\nconstrained / unconstrained decode throughput: {ratio:.1%} (goal >= 90%)")
+    print("| compiler for the vocabulary (s) | compile cold (ms) | compile cached (us) |")
+    print("|---|---|---|")
+    print(f"| {compiler_s:.3f} | {cold_s * 1e3:.1f} | {cached_s * 1e6:.1f} |")
+    return {"model": Path(args.model).name, "load_format": args.load_format, "dtype": str(core.config.model.dtype),
+            "device": str(core.config.device), "vocab_size": vocab, "batch": args.batch, "max_tokens": args.max_tokens,
+            "runs": runs, "decode_ratio": ratio, "compiler_s": compiler_s, "compile_cold_ms": cold_s * 1e3,
+            "compile_cached_us": cached_s * 1e6}
+
+
+def _timed_batch(core, prompts, params) -> dict:
+    """Run one batch to the end on the core, step by step; decode steps are those computing no prompt token."""
+    finals = {}
+    for prompt, p in zip(prompts, params):
+        core.add_request(None, prompt, p)
+    decode_s, decode_tokens = 0.0, 0
+    start = time.perf_counter()
+    generated = core.num_generated_tokens
+    while core.has_unfinished:
+        prompt_before, tokens_before = core.num_prompt_tokens_computed, core.num_generated_tokens
+        step_start = time.perf_counter()
+        for out in core.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if core.num_prompt_tokens_computed == prompt_before:
+            decode_s += time.perf_counter() - step_start
+            decode_tokens += core.num_generated_tokens - tokens_before
+    elapsed = time.perf_counter() - start
+    total = core.num_generated_tokens - generated
+    outputs = [o.outputs[0] for o in finals.values()]
+    valid = 0
+    for c in outputs:
+        if c.finish_reason == "stop":
+            try:
+                json.loads(c.text)
+                valid += 1
+            except ValueError:
+                pass
+    return {"elapsed_s": elapsed, "output_tokens": total, "output_tok_s": total / elapsed,
+            "decode_s": decode_s, "decode_tokens": decode_tokens,
+            "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+            "mean_output_len": total / max(1, len(outputs)),
+            "stopped": sum(c.finish_reason == "stop" for c in outputs), "valid": valid}
 
 
 def _sync(device: str) -> None:

@@ -30,7 +30,9 @@ def gumbel_noise_reference(keys: torch.Tensor, token_ids: torch.Tensor) -> torch
     lo = (keys & MASK32)[:, None]
     hi = ((keys >> 32) & MASK32)[:, None]
     h = _hash32_torch(lo ^ _hash32_torch(((token_ids.long() * _GOLDEN) & MASK32) ^ hi))
-    u = ((h >> 8).float() + 0.5) / 16777216.0  # 24 bits: exact in float32, strictly inside (0, 1)
+    # 23 bits and a half: exact in float32, so strictly inside (0, 1). (With 24 bits the top value
+    # rounds to u = 1, noise +inf: that token won whatever its logit, NaN where it was masked.)
+    u = ((h >> 9).float() + 0.5) / 8388608.0
     return -torch.log(-torch.log(u))
 
 
@@ -59,7 +61,7 @@ def _gumbel_argmax_kernel(logits_ptr, keys_ptr, inv_temp_ptr, floor_ptr, out_ptr
         ok = cols < vocab
         logit = tl.load(logits_ptr + row * stride_row + cols, mask=ok, other=float("-inf"))
         h = _hash32(lo ^ _hash32(((cols.to(tl.int64) * 0x9E3779B9) & 0xFFFFFFFF) ^ hi))
-        u = ((h >> 8).to(tl.float32) + 0.5) / 16777216.0
+        u = ((h >> 9).to(tl.float32) + 0.5) / 8388608.0  # as gumbel_noise_reference
         g = -tl.log(-tl.log(u))
         score = tl.where(ok & (logit >= floor), logit * inv_temp + g, float("-inf"))
         better = score > best

@@ -197,6 +197,14 @@ def structured_outputs(body: dict) -> StructuredOutputsParams | None:
         raise RequestError(str(e), param=name if name != "guided_*" else next(iter(GUIDED))) from None
 
 
+def structured_param(body: dict) -> str:
+    """The field a body's structured_outputs() came from, for errors found later (compiling)."""
+    for name in ("response_format", "structured_outputs", *GUIDED):
+        if body.get(name) is not None:
+            return name
+    return "structured_outputs"
+
+
 def completion_prompts(body: dict) -> list[str | list[int]]:
     """`prompt` as text, token ids, or a list of either."""
     prompt = body.get("prompt")

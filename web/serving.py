@@ -116,8 +116,11 @@ class Generation:
         engine = self.ctx.engine
         settings = self.ctx.settings
         if settings.enable_log_requests:
+            limit = settings.max_log_len
             for (prompt, params), rid in zip(self.inputs, self.request_ids):
-                logger.info("request %s: prompt %s, params %s", rid, clip(prompt, settings.max_log_len), params)
+                text, ids = (prompt.get("prompt"), prompt.get("prompt_token_ids")) if isinstance(prompt, dict) else (prompt, None)
+                logger.info("request %s: prompt %s, prompt_token_ids %s, params %s", rid, clip(repr(text), limit),
+                            clip(ids, limit), params)
         self._gens = [engine.generate(prompt, params, rid, self.priority)
                       for (prompt, params), rid in zip(self.inputs, self.request_ids)]
         # The first step of each generator registers its request (it then waits for a token).
@@ -285,6 +288,16 @@ class Job:
 
     async def prepare(self) -> None:
         raise NotImplementedError
+
+    async def check_grammar(self, structured, param: str) -> None:
+        """Compile the request's grammar now (the engine caches it): an invalid schema, regex or
+        grammar is a 400 naming `param`, before any byte of a stream goes out."""
+        if structured is None:
+            return
+        try:
+            await self.ctx.engine.compile_grammar(structured)
+        except ValueError as e:
+            raise RequestError(str(e), param=param) from None
 
     async def start(self) -> None:
         if self.generation is not None:

@@ -68,11 +68,13 @@ class ChatJob(Job):
         messages = protocol.chat_messages(body)
         tools, self.tool_choice = check_tools(body)
         schema = tool_choice_schema(tools, self.tool_choice) if tools else None
+        structured_param = protocol.structured_param(body)
         if schema is not None:
             if structured is not None:
                 raise RequestError("a required or named 'tool_choice' cannot be combined with response_format "
                                    "or structured_outputs", param="tool_choice")
-            structured = StructuredOutputsParams(json=schema)
+            structured, structured_param = StructuredOutputsParams(json=schema), "tools"
+        await self.check_grammar(structured, structured_param)
         if self.tool_choice == "auto" and tools and not settings.enable_auto_tool_choice:
             raise RequestError('"auto" tool choice needs the server to run with --enable-auto-tool-choice and '
                                '--tool-call-parser', param="tool_choice")

@@ -27,6 +27,7 @@ class CompletionJob(Job):
         fields = protocol.sampling_fields(body, ctx.generation_defaults, chat=False, stream=self.stream)
         ctx.check_n(fields["n"])
         structured = protocol.structured_outputs(body)
+        await self.check_grammar(structured, protocol.structured_param(body))
         self.echo = expect(body, "echo", bool, False)
         if expect(body, "suffix", str):
             raise RequestError("'suffix' is not supported", param="suffix")
