@@ -12,6 +12,16 @@ PYTEST_ARGS ?=
 .PHONY: serve test lint clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
+	@# Debian's Chromium for the chat page test (tests/web/test_chat_page.py), as root where apt-get exists.
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian's chromium (apt-get) for tests/web/test_chat_page.py"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "warning: /usr/bin/chromium is missing; tests/web/test_chat_page.py needs it (apt-get install chromium, as root)"; \
+		fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"

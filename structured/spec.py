@@ -22,6 +22,12 @@ _SCHEMA_KEYWORDS = {"items", "additionalProperties", "additionalItems", "contain
 _SCHEMA_LIST_KEYWORDS = {"allOf", "anyOf", "oneOf", "prefixItems", "items"}
 _SCHEMA_MAP_KEYWORDS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
 _OBJECT_SCHEMA = {"type": "object"}
+# A calendar date, exactly: xgrammar's "date" format is \d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]), which
+# lets 2023-02-30, 1811-11-31 and year 0000 through (jsonschema's date check, Python's, refuses them).
+_YEAR = r"([1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])"
+_LEAP_YEAR = r"(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE_PATTERN = (rf"^({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)"
+                 rf"|02-(0[1-9]|1\d|2[0-8]))|{_LEAP_YEAR}-02-29)$")
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,16 @@ def normalize_schema(schema, disable_additional_properties: bool = False):
             out[key] = value
     if disable_additional_properties and _is_object_schema(schema) and "additionalProperties" not in schema:
         out["additionalProperties"] = False
-    return _length_as_pattern(out)
+    return _length_as_pattern(_date_as_pattern(out))
+
+
+def _date_as_pattern(schema: dict) -> dict:
+    """Say `"format": "date"` as an exact pattern (xgrammar 0.2.8's allows days a month lacks)."""
+    if schema.get("type") != "string" or schema.get("format") != "date" or "pattern" in schema:
+        return schema
+    out = {k: v for k, v in schema.items() if k != "format"}
+    out["pattern"] = _DATE_PATTERN
+    return dict(sorted(out.items()))
 
 
 def _length_as_pattern(schema: dict) -> dict:

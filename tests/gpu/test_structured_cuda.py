@@ -1,0 +1,159 @@
+"""Structured outputs on CUDA: the CPU suite's engine checks (regex, choice, EBNF, json_object, n=3,
+min_tokens, the cache) collected again on an LLM on the GPU, the 20 JSON schemas in a batch mixed
+with unconstrained requests, a constrained request joining an AsyncEngine that runs ahead (async
+scheduling), and xgrammar's apply_token_bitmask_inplace on CUDA against the plain-torch reference,
+at the default model's vocabulary and at Qwen's."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+import pytest_asyncio
+import torch
+import xgrammar as xgr
+
+from aio_engine import LLM, AsyncEngine, EngineArgs
+from structured import (
+    BatchBitmask,
+    RequestGrammar,
+    StructuredOutputsParams,
+    apply_bitmask_reference,
+)
+
+# The CPU suite's tests imported here are collected again, on the CUDA `llm` below.
+from tests.aio_engine.test_structured_engine import (  # noqa: F401
+    PROMPTS,
+    SCHEMAS,
+    TIMEOUT,
+    _blocks_free,
+    closers,
+    constrained,
+    final_output,
+    finished_text,
+    free,
+    run,
+    test_choice_returns_one_of_the_choices,
+    test_compact_json_has_no_free_whitespace,
+    test_ebnf_arithmetic_outputs_parse,
+    test_grammar_ends_the_request_even_with_ignore_eos,
+    test_json_object_yields_an_object,
+    test_min_tokens_with_a_grammar_that_completes_early_never_masks_a_whole_row,
+    test_n3_with_a_schema_gives_three_valid_outputs,
+    test_regex_outputs_fullmatch,
+    test_second_request_with_the_same_schema_does_not_compile_again,
+    test_stop_string_inside_the_grammar_ends_the_request,
+    validate,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run tests/gpu on the GPU machine)")
+
+# The default model on the GPU, async scheduling and CUDA graphs on (the defaults), a small KV cache.
+ENGINE = dict(max_model_len=512, max_num_seqs=64, kv_cache_memory_bytes=256 << 20)
+QWEN_VOCAB = 151936
+
+
+@pytest.fixture(scope="module")
+def llm():
+    llm = LLM(**ENGINE)
+    assert llm.core.config.device.type == "cuda"
+    yield llm
+    llm.core.grammars.close()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def engine():
+    engine = AsyncEngine.from_engine_args(EngineArgs(**ENGINE))
+    yield engine
+    await engine.shutdown()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_json_schemas_validate_on_cuda_mixed_with_unconstrained_requests(llm, closers, seed):  # noqa: F811
+    names = list(SCHEMAS)
+    params = [constrained(closers, 1000 * seed + i, json=SCHEMAS[n]) for i, n in enumerate(names)]
+    # Unconstrained rows around and between: the bitmask must leave them alone.
+    batch = [free(1), *params[:10], free(2), *params[10:], free(3)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(batch))]
+    outs = run(llm, batch, prompts)
+    constrained_outs = outs[1:11] + outs[12:-1]
+    for name, out in zip(names, constrained_outs):
+        validate(SCHEMAS[name], finished_text(out))
+    for out in (outs[0], outs[11], outs[-1]):
+        assert len(out.outputs[0].token_ids) == 24 and out.outputs[0].finish_reason == "length"
+
+
+async def test_constrained_requests_join_an_engine_running_ahead(engine, closers):  # noqa: F811
+    assert engine.config.scheduler.async_scheduling
+    busy = [asyncio.create_task(final_output(engine, p, free(60 + i))) for i, p in enumerate(PROMPTS)]
+    start = engine.core.num_steps
+    while engine.core.num_steps < start + 3:
+        await asyncio.sleep(0.001)
+    names = ["nested", "object_array", "refs", "formats"]
+    joined = await asyncio.wait_for(asyncio.gather(*(
+        final_output(engine, "ROMEO:", constrained(closers, 70 + i, json=SCHEMAS[n])) for i, n in enumerate(names))),
+        TIMEOUT)
+    for name, out in zip(names, joined):
+        validate(SCHEMAS[name], finished_text(out))
+    outs = await asyncio.wait_for(asyncio.gather(*busy), TIMEOUT)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [24] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("vocab_size", [4096, QWEN_VOCAB])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_xgrammar_apply_on_cuda_equals_the_reference(vocab_size, dtype):
+    gen = torch.Generator().manual_seed(vocab_size)
+    rows = 64
+    bitmask = torch.randint(-(2**31), 2**31, (rows, (vocab_size + 31) // 32), dtype=torch.int64, generator=gen)
+    bitmask = bitmask.to(torch.int32)
+    logits = torch.randn(rows, vocab_size, generator=gen).to(dtype)
+    for indices in (None, [0, 3, 17, 63], [40]):
+        expected = logits.clone()
+        apply_bitmask_reference(expected, bitmask, indices)
+        got = logits.cuda()
+        if indices is None:
+            xgr.apply_token_bitmask_inplace(got, bitmask.cuda(), vocab_size=vocab_size)
+        else:
+            xgr.apply_token_bitmask_inplace(got, bitmask.cuda(), indices=torch.tensor(indices, device="cuda",
+                                                                                    dtype=torch.int32),
+                                            vocab_size=vocab_size)
+        torch.cuda.synchronize()
+        assert torch.equal(got.cpu(), expected), (vocab_size, dtype, indices)
+
+
+def test_batch_bitmask_on_cuda_masks_only_constrained_rows_at_qwen_vocab(llm):
+    """Real matchers over several steps, an lm_head as wide as Qwen's (ids past the tokenizer are
+    padding): the CUDA apply equals the reference on the host mask; other rows stay untouched."""
+    from structured import GrammarCompilerService
+
+    service = GrammarCompilerService(llm.tokenizer, QWEN_VOCAB, stop_token_ids=list(llm.core.eos_token_ids))
+    try:
+        compiled = [service.compile_sync(StructuredOutputsParams(json=SCHEMAS[n])) for n in ("nested", "refs")]
+        compiled.append(service.compile_sync(StructuredOutputsParams(regex="[0-9]{2,6}")))
+        grammars = {5: RequestGrammar(compiled[0]), 0: RequestGrammar(compiled[1]), 9: RequestGrammar(compiled[2])}
+        bitmask = BatchBitmask(16, QWEN_VOCAB, "cuda")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            live = [r for r, g in grammars.items() if not g.is_terminated]
+            if not live:
+                break
+            bitmask.fill([grammars[r] for r in live], live)
+            logits = torch.randn(10, QWEN_VOCAB, generator=gen)
+            expected = logits.clone()
+            apply_bitmask_reference(expected, bitmask.host, live)
+            got = logits.cuda()
+            bitmask.apply(got)
+            got = got.cpu()
+            assert torch.equal(got, expected)
+            assert not torch.isfinite(got[live][:, len(llm.tokenizer):]).any()  # padding ids never allowed
+            for row in live:  # the most likely allowed token
+                assert grammars[row].accept_token(int(got[row].argmax()))
+    finally:
+        service.close()
