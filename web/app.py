@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 from aiohttp import web
 
@@ -26,7 +27,7 @@ from .middleware import (
 from .routes_openai import SERVING
 from .serving import ServingContext
 from .settings import ServerSettings, build_ssl_context
-from .websocket import websocket_handler
+from .websocket import OPEN_SOCKETS, close_open_sockets, websocket_handler
 
 __all__ = ["ServerSettings", "build_app", "serve", "start_server"]
 
@@ -48,6 +49,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
     routes_openai.add_routes(add)
     routes_misc.add_routes(add, app)
     add("GET", "/v1/ws", websocket_handler)
+    app[OPEN_SOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(close_open_sockets)
     app.on_response_prepare.append(make_on_prepare(ctx.metrics.observe_http))
     return app
 
@@ -58,7 +61,8 @@ async def start_server(engine: AsyncEngine, settings: ServerSettings, host: str,
     log = {} if settings.access_log else {"access_log": None}
     limits = dict(max_line_size=settings.h11_max_incomplete_event_size,
                   max_field_size=settings.h11_max_incomplete_event_size, max_headers=settings.h11_max_header_count)
-    runner = web.AppRunner(app, handler_cancellation=True, **log, **limits)
+    # Streams in flight are aborted on shutdown anyway: no need to wait aiohttp's 60 s for them.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, **log, **limits)
     await runner.setup()
     ssl_context = build_ssl_context(settings)
     scheme = "https" if ssl_context else "http"

@@ -21,9 +21,10 @@ Authorization header or, from browsers, as `?api_key=`.
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .errors import RequestError, error_from_exception
 from .routes_openai import SERVING
@@ -120,10 +121,22 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=ctx.settings.ws_max_message_bytes)
     await ws.prepare(request)
     session = WebSocketSession(ctx, ws)
+    open_sockets = request.app[OPEN_SOCKETS]
+    open_sockets.add(ws)
     try:
         async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 await session.handle(msg.data)
     finally:
+        open_sockets.discard(ws)
         await session.close()
     return ws
+
+
+OPEN_SOCKETS = web.AppKey("open_sockets", weakref.WeakSet)
+
+
+async def close_open_sockets(app: web.Application) -> None:
+    """On shutdown: tell every client the server is going away (else aiohttp waits them out)."""
+    for ws in list(app[OPEN_SOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

@@ -118,3 +118,25 @@ async def test_chat_page_is_one_self_contained_file(client):
     page = await resp.text()
     assert "new WebSocket" in page and "v1/ws" in page and '"cancel"' in page and "json_schema" in page
     assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched from elsewhere
+
+
+async def test_server_shutdown_does_not_wait_for_open_sockets(engine):
+    """aiohttp would wait 60 s for an open websocket; the app closes it with GOING_AWAY instead."""
+    import time
+
+    from aiohttp.test_utils import TestServer
+
+    from web.app import build_app
+    from web.settings import ServerSettings
+
+    server = TestServer(build_app(engine, ServerSettings(served_model_names=["tiny"])), handler_cancellation=True)
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.make_url("/v1/ws"))
+        await ws.send_json({"type": "ping"})
+        assert (await ws.receive_json())["type"] == "pong"
+        start = time.monotonic()
+        await server.close()
+        assert time.monotonic() - start < 5
+        msg = await ws.receive()
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
