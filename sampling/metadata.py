@@ -19,10 +19,17 @@ _MASK63 = (1 << 63) - 1
 
 def row_key(seed: int, step: int) -> int:
     """A 63-bit key for (seed, step): splitmix64 of the pair, so nearby seeds and steps decorrelate."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & _MASK63
+    return int(row_keys(np.array([seed], dtype=np.uint64), np.array([step], dtype=np.uint64))[0])
+
+
+def row_keys(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """row_key over arrays (uint64 arithmetic wraps modulo 2**64, as splitmix64 wants)."""
+    u = np.uint64
+    with np.errstate(over="ignore"):
+        z = seeds * u(0x9E3779B97F4A7C15) + steps * u(0xBF58476D1CE4E5B9) + u(0x94D049BB133111EB)
+        z = (z ^ (z >> u(30))) * u(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> u(27))) * u(0x94D049BB133111EB)
+    return ((z ^ (z >> u(31))) & u(_MASK63)).astype(np.int64)
 
 
 @dataclass
@@ -70,8 +77,10 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         temps = [0.0 if p.greedy else p.temperature for p in params]
-        md = cls(num_rows=n, temperature=tensor(temps, torch.float32),
-                 keys=tensor([row_key(r.seed, r.step) for r in rows], torch.int64),
+        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=n)
+        steps = np.fromiter((r.step for r in rows), dtype=np.uint64, count=n)
+        keys = torch.from_numpy(row_keys(seeds, steps)).to(device, non_blocking=True)
+        md = cls(num_rows=n, temperature=tensor(temps, torch.float32), keys=keys,
                  all_greedy=all(t == 0.0 for t in temps), logprobs_mode=logprobs_mode)
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         if any(k < vocab_size for k, t in zip(top_ks, temps) if t > 0):
