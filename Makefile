@@ -9,9 +9,18 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint clean chromium
 
 $(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/aio-engine serve --host $(HOST) --port $(PORT)
+
+chromium:
 	@# Debian's Chromium for the chat page test (tests/web/test_chat_page.py), as root where apt-get exists.
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then \
@@ -22,15 +31,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 			echo "warning: /usr/bin/chromium is missing; tests/web/test_chat_page.py needs it (apt-get install chromium, as root)"; \
 		fi; \
 	fi
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
 
-serve: $(STAMP)
-	$(VENV)/bin/aio-engine serve --host $(HOST) --port $(PORT)
-
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
