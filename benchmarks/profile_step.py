@@ -39,6 +39,8 @@ def main() -> None:
                          SamplingParams(temperature=1.0, max_tokens=10_000, ignore_eos=True))
     while any(r.num_output_tokens == 0 for r in core.scheduler.requests.values()):
         core.step()  # prefill everything first
+    if core.in_flight is not None:  # the timed loop below runs steps one by one: nothing may be ahead
+        core._finish_in_flight()
     timers: dict[str, float] = defaultdict(float)
     runner = core.runner
     original_forward, original_sampler = runner._forward_raw, runner.sampler
