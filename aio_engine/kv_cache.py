@@ -84,9 +84,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """Count one admitted request's lookup for the hit rate (a request peeked but not admitted
+        is looked up again next step, and must not count twice)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_cached_tokens
 
     def _touch(self, block: int) -> None:
         if self.ref_counts[block] == 0:

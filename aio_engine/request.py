@@ -42,6 +42,7 @@ class Request:
         self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []  # the tail of all_token_ids, kept apart so reading it copies nothing
         self.num_computed_tokens = 0  # tokens whose KV is written (or being written by the step in flight)
         self.num_pending = 0  # sampled on the GPU, not yet appended: async scheduling runs one step ahead
         self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
@@ -73,14 +74,11 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens:]
+        return len(self.output_token_ids)
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
 
     def banned_token_ids(self) -> list[int]:
         """Tokens this request may not sample next: stop tokens before min_tokens, bad-word endings."""

@@ -170,3 +170,19 @@ def test_request_reaching_max_model_len_finishes_with_length():
     while scheduler.has_unfinished:
         step(scheduler)
     assert request.num_tokens == 8 and request.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_a_waiting_request_counts_one_prefix_lookup_however_often_it_is_peeked():
+    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, policy="fcfs", enable_chunked_prefill=True,
+                             async_scheduling=False, stream_interval=1, max_model_len=64)
+    scheduler = Scheduler(config, KVCacheManager(5, BS, enable_prefix_caching=True))
+    first = add(scheduler, "first", 16, max_tokens=3)
+    second = Request("second", first.prompt_token_ids[:8] + [5, 5, 5], SamplingParams(max_tokens=3))
+    scheduler.add_request(second)
+    for _ in range(3):  # "first" holds every block: "second" is peeked and left waiting, step after step
+        step(scheduler)
+        assert second.status == RequestStatus.WAITING
+    assert scheduler.kv.prefix_queries == 16 and scheduler.kv.prefix_hits == 0
+    step(scheduler)
+    assert second.status == RequestStatus.RUNNING
+    assert scheduler.kv.prefix_queries == 16 + 11 and scheduler.kv.prefix_hits == 8
