@@ -141,7 +141,10 @@ class ParentState:
 
     @property
     def finished(self) -> bool:
-        return all(s.request.status.finished for s in self.samples)
+        samples = self.samples
+        if len(samples) == 1:  # the common case, once per request per step: no generator
+            return samples[0].request.status.finished
+        return all(s.request.status.finished for s in samples)
 
     def make_output(self) -> RequestOutput | None:
         """The output due now, or None (stream interval not reached; FINAL_ONLY before the end)."""

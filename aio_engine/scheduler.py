@@ -142,7 +142,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._length_reached(request):
+            if request.num_pending and self._length_reached(request):
                 i += 1  # its last token is still on the GPU; it finishes when that arrives
                 continue
             num_new = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
@@ -214,11 +214,14 @@ class Scheduler:
         """Append the step's sampled tokens (and logprobs), finish by eos / stop ids / length.
         Returns the requests that got a new token (finished ones included, already freed)."""
         changed: list[Request] = []
+        block_size = self.kv.block_size
         for i, (sched, token) in enumerate(zip(out.scheduled, tokens)):
             request = sched.request
             if request.status.finished:
                 continue  # aborted or stopped while the step ran: its token is dropped
-            if request.status == RequestStatus.RUNNING:
+            # (a block filled up since the last registration: most decode steps fill none)
+            if request.status == RequestStatus.RUNNING and \
+                    request.num_computed_tokens >= (request.num_hashed_blocks + 1) * block_size:
                 self.kv.cache_full_blocks(request, request.num_computed_tokens)
             if prompt_logprobs and i in prompt_logprobs:
                 request.prompt_logprobs.extend(prompt_logprobs[i])
