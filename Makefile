@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint clean chromium
+.PHONY: serve test lint clean chromium plots
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# PNGs for benchmarks/RESULTS.md from a GPU run's JSON lines (benchmarks/suite.sh's results.jsonl).
+RESULTS ?= $(wildcard benchmarks/results/*.jsonl)
+plots: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[benchmarks]"
+	$(PY) benchmarks/plots.py $(RESULTS) --out benchmarks/plots
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aio_engine kernels sampling structured web tests benchmarks

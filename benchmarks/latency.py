@@ -13,7 +13,6 @@ time per output token is (end-to-end - prefill) / (output_len - 1). Engine flags
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import emit  # noqa: E402
 
 from aio_engine.cli import GROUP_TITLES, add_engine_args, engine_args_from, expand_argv  # noqa: E402
 from aio_engine.llm import LLM  # noqa: E402
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--num-iters", type=int, default=5)
     parser.add_argument("--workload-seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--jsonl", type=Path, help="append the result here as one line")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     add_engine_args(parser, groups)
     ns = parser.parse_args(expand_argv(parser, sys.argv[1:]))
@@ -78,7 +80,8 @@ def main() -> None:
     config = llm.core.config
     result = {
         "model": str(config.model.path), "device": str(config.device), "dtype": str(config.model.dtype),
-        "compilation": config.compilation.describe(), "batch_size": ns.batch_size, "input_len": ns.input_len,
+        "compilation": config.compilation.describe(), "optimization_level": config.compilation.level,
+        "async_scheduling": config.scheduler.async_scheduling, "batch_size": ns.batch_size, "input_len": ns.input_len,
         "output_len": ns.output_len, "num_iters": ns.num_iters, "startup_s": round(startup, 2),
         "latency_s": {"mean": round(statistics.mean(total), 4), "p50": round(percentile(total, 50), 4),
                       "p90": round(percentile(total, 90), 4), "p99": round(percentile(total, 99), 4)},
@@ -89,9 +92,7 @@ def main() -> None:
     print(f"Latency: {result['latency_s']['mean']:.3f}s mean (p90 {result['latency_s']['p90']:.3f}s) for batch "
           f"{ns.batch_size} x ({ns.input_len} prompt + {ns.output_len} output) tokens; prefill "
           f"{result['prefill_ms']:.1f} ms, {result['ms_per_output_token']:.2f} ms per output token")
-    print(json.dumps(result))
-    if ns.json:
-        ns.json.write_text(json.dumps(result, indent=2))
+    emit("latency", result, json_path=ns.json, jsonl_path=ns.jsonl)
 
 
 if __name__ == "__main__":

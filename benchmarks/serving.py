@@ -3,15 +3,20 @@
 Each request is a /v1/completions call with random token ids as the prompt, run to its length
 (ignore_eos), streamed over SSE (or over one websocket with --transport ws) by web/client.py.
 Requests arrive as a Poisson process at --request-rate (inf: all at once), at most
---max-concurrency in flight. Reports time to first token, time per output token (after the
-first), inter-token latency between streamed chunks, end-to-end latency (mean, median, p99) and
-throughput.
+--max-concurrency in flight; several rates run one after the other against the same server.
+Reports time to first token, time per output token (after the first), inter-token latency
+between streamed chunks (a chunk holds --stream-interval tokens), end-to-end latency (mean, p50,
+p90, p99) and throughput. Each rate's run is bounded by --max-seconds (requests still open then
+count as failed).
 
-Without --base-url it starts `aio-engine serve` in a subprocess with the remaining flags:
+Without --base-url it starts `aio-engine serve` in a subprocess with the remaining flags (the
+server's --stream-interval among them). A model folder without a tokenizer (benchmarks/models)
+gets a word-level one of its vocabulary size, so that every sampled id streams text.
 
   python benchmarks/serving.py --num-prompts 64 --request-rate 8            # the embedded model
   python benchmarks/serving.py --base-url http://127.0.0.1:8000 --num-prompts 200 --max-concurrency 32
-  python benchmarks/serving.py --num-prompts 256 -- --model ../shared/models/qwen3-0.6b --load-format dummy
+  python benchmarks/serving.py --num-prompts 400 --input-len 100 1024 --output-len 100 1024 --request-rate 16 inf \
+      -- --model benchmarks/models/qwen3-0.6b --load-format dummy --dtype bfloat16 --max-model-len 4096 --stream-interval 8
 """
 
 from __future__ import annotations
@@ -19,17 +24,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import random
+import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import emit, has_tokenizer, model_folder, percentiles, word_level_tokenizer  # noqa: E402
 
 from web.client import AsyncClient  # noqa: E402
 
@@ -42,6 +49,7 @@ class Result:
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
+    chunks: int = 0
     error: str = ""
 
 
@@ -57,6 +65,7 @@ async def one_request(client: AsyncClient, ws, body: dict, request_id: str) -> R
                 result.output_tokens = chunk["usage"]["completion_tokens"]
             if not chunk["choices"] or not chunk["choices"][0]["text"]:
                 continue
+            result.chunks += 1
             if result.ttft == 0.0:
                 result.ttft = now - start
             else:
@@ -72,15 +81,11 @@ async def one_request(client: AsyncClient, ws, body: dict, request_id: str) -> R
 
 
 def summary(values: list[float], scale: float = 1000.0) -> dict:
-    if not values:
-        return {"mean": None, "median": None, "p99": None}
-    ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-    return {"mean": round(statistics.fmean(values) * scale, 2), "median": round(statistics.median(values) * scale, 2),
-            "p99": round(p99 * scale, 2)}
+    """Milliseconds: mean, p50, p90, p99."""
+    return percentiles(values, scale)
 
 
-async def run(ns: argparse.Namespace, base_url: str) -> dict:
+async def run(ns: argparse.Namespace, base_url: str, request_rate: float) -> dict:
     rng = random.Random(ns.workload_seed)
     bodies = []
     for _ in range(ns.num_prompts):
@@ -102,20 +107,27 @@ async def run(ns: argparse.Namespace, base_url: str) -> dict:
             start = time.perf_counter()
             for i, body in enumerate(bodies):
                 tasks.append(asyncio.create_task(limited(body, f"r{i}")))
-                if ns.request_rate != float("inf"):
-                    await asyncio.sleep(rng.expovariate(ns.request_rate))
-            results = await asyncio.gather(*tasks)
+                if request_rate != float("inf"):
+                    await asyncio.sleep(rng.expovariate(request_rate))
+            _, late = await asyncio.wait(tasks, timeout=max(1.0, ns.max_seconds - (time.perf_counter() - start)))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
             elapsed = time.perf_counter() - start
+            results = [t.result() if not t.cancelled() else Result(error=f"timeout after {ns.max_seconds:.0f}s")
+                       for t in tasks]
         finally:
             if ws_cm is not None:
                 await ws_cm.__aexit__(None, None, None)
     done = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in done)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    chunks = sum(r.chunks for r in done)
     return {
         "base_url": base_url, "transport": ns.transport, "num_prompts": ns.num_prompts, "completed": len(done),
         "failed": len(results) - len(done), "errors": sorted({r.error for r in results if r.error})[:5],
-        "request_rate": ns.request_rate, "max_concurrency": ns.max_concurrency,
+        "request_rate": request_rate if request_rate != float("inf") else "inf", "max_concurrency": ns.max_concurrency,
+        "tokens_per_chunk": round(output_tokens / chunks, 2) if chunks else None,
         "input_len": ns.input_len, "output_len": ns.output_len, "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(done) / elapsed, 3), "output_tokens_per_s": round(output_tokens / elapsed, 1),
         "total_tokens_per_s": round((output_tokens + sum(r.prompt_tokens for r in done)) / elapsed, 1),
@@ -153,36 +165,86 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    parser.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
+                        help="requests/s (Poisson); inf: all at once. Several: one run each, same server")
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [1, this)")
     parser.add_argument("--workload-seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="bound on one rate's run")
+    parser.add_argument("--json", type=Path, help="also write the results here (a list, one per rate)")
+    parser.add_argument("--jsonl", type=Path, help="append one line per rate here")
     ns, serve_args = parser.parse_known_args()
     serve_args = [a for a in serve_args if a != "--"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM: `finally` stops the server
+    try:
+        import uvloop  # the client must not be the bottleneck at thousands of chunks per second
+
+        uvloop.install()
+    except ImportError:
+        pass
 
     process = None
     base_url = ns.base_url
+    scratch = tempfile.TemporaryDirectory(prefix="aio-serving-")
+    tokenizer_note = "the server's"
     if base_url is None:
+        folder = model_folder(serve_args)
+        if (folder is not None and not has_tokenizer(folder) and "--tokenizer" not in serve_args
+                and "--skip-tokenizer-init" not in serve_args):
+            vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+            serve_args += ["--tokenizer", str(word_level_tokenizer(vocab, Path(scratch.name) / "tokenizer"))]
+            tokenizer_note = f"word-level, {vocab} words (the model folder has none)"
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "aio_engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
+        startup = time.perf_counter()
         process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
+    results = []
     try:
         if process is not None:
             asyncio.run(wait_healthy(base_url, process, ns.startup_timeout))
-        result = asyncio.run(run(ns, base_url))
+            startup = round(time.perf_counter() - startup, 2)
+        for rate in ns.request_rate:
+            result = asyncio.run(run(ns, base_url, rate))
+            result.update(server_args=" ".join(serve_args), stream_interval=stream_interval(serve_args),
+                          tokenizer=tokenizer_note, server_startup_s=startup if process is not None else None)
+            results.append(result)
+            print(f"Serving at {rate} req/s: {result['completed']}/{ns.num_prompts} requests in {result['elapsed_s']:.2f}s, "
+                  f"{result['output_tokens_per_s']:.1f} output tokens/s; TTFT p50 {result['ttft_ms']['p50']} / p99 "
+                  f"{result['ttft_ms']['p99']} ms, TPOT p50 {result['tpot_ms']['p50']} ms, ITL p99 {result['itl_ms']['p99']} ms",
+                  flush=True)
+            emit("serving", result, jsonl_path=ns.jsonl)
     finally:
         if process is not None:
             process.terminate()
-            process.wait(timeout=30)
-    print(f"Serving: {result['completed']}/{ns.num_prompts} requests in {result['elapsed_s']:.2f}s, "
-          f"{result['output_tokens_per_s']:.1f} output tokens/s; TTFT median {result['ttft_ms']['median']} ms, "
-          f"TPOT median {result['tpot_ms']['median']} ms, ITL p99 {result['itl_ms']['p99']} ms")
-    print(json.dumps(result))
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        scratch.cleanup()
+    print("\n| rate | stream interval | done | out tok/s | TTFT p50/p90/p99 (ms) | TPOT p50/p90/p99 | ITL p50/p90/p99 | "
+          "E2E p50/p90/p99 (s) |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        def cells(key: str, scale: float = 1.0) -> str:
+            return " / ".join("-" if r[key][q] is None else f"{r[key][q] * scale:.4g}" for q in ("p50", "p90", "p99"))
+
+        print(f"| {r['request_rate']} | {r['stream_interval']} | {r['completed']}/{r['num_prompts']} | "
+              f"{r['output_tokens_per_s']} | {cells('ttft_ms')} | {cells('tpot_ms')} | {cells('itl_ms')} | "
+              f"{cells('e2e_ms', 1e-3)} |")
     if ns.json:
-        ns.json.write_text(json.dumps(result, indent=2))
+        ns.json.write_text(json.dumps(results, indent=2))
+
+
+def stream_interval(serve_args: list[str]) -> int:
+    """The server's --stream-interval from its flags (1, the default, when absent)."""
+    for i, arg in enumerate(serve_args):
+        if arg == "--stream-interval" and i + 1 < len(serve_args):
+            return int(serve_args[i + 1])
+        if arg.startswith("--stream-interval="):
+            return int(arg.split("=", 1)[1])
+    return 1
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ every request runs to its length (ignore_eos). Prints requests/s, output tokens/
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import emit  # noqa: E402
 
 from aio_engine.cli import GROUP_TITLES, add_engine_args, engine_args_from  # noqa: E402
 from aio_engine.llm import LLM  # noqa: E402
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--workload-seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--jsonl", type=Path, help="append the result here as one line")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     add_engine_args(parser, groups)
     ns = parser.parse_args()
@@ -63,6 +65,9 @@ def main() -> None:
     result = {
         "model": str(llm.core.config.model.path), "device": str(llm.core.config.device),
         "dtype": str(llm.core.config.model.dtype), "num_prompts": ns.num_prompts,
+        "optimization_level": llm.core.config.compilation.level,
+        "compilation": llm.core.config.compilation.describe(),
+        "async_scheduling": llm.core.config.scheduler.async_scheduling,
         "input_len": ns.input_len, "output_len": ns.output_len, "elapsed_s": round(elapsed, 3),
         "startup_s": round(startup, 2),
         "requests_per_s": round(ns.num_prompts / elapsed, 3),
@@ -74,9 +79,7 @@ def main() -> None:
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.1f} total tokens/s, "
           f"{result['output_tokens_per_s']:.1f} output tokens/s ({ns.num_prompts} requests, {prompt_tokens} prompt + "
           f"{output_tokens} output tokens in {elapsed:.2f}s)")
-    print(json.dumps(result))
-    if ns.json:
-        ns.json.write_text(json.dumps(result, indent=2))
+    emit("throughput", result, json_path=ns.json, jsonl_path=ns.jsonl)
 
 
 if __name__ == "__main__":

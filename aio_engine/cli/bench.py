@@ -1,4 +1,4 @@
-"""`aio-engine bench throughput|serve|latency [flags]`: the benchmarks/ scripts, as `vllm bench`.
+"""`aio-engine bench throughput|serve|latency|startup|idle|peer [flags]`: the benchmarks/ scripts, as `vllm bench`.
 
 Nothing imports benchmarks/ (it is not part of the installed package), so each benchmark runs as
 `python benchmarks/<script>.py flags...` from the source checkout this package lives in; the
@@ -15,6 +15,9 @@ BENCHMARKS = {
     "throughput": ("throughput.py", "Offline throughput: N random requests through LLM.generate."),
     "serve": ("serving.py", "Online serving: requests over SSE or websocket to `aio-engine serve` (TTFT, TPOT, ITL)."),
     "latency": ("latency.py", "Batch latency: prefill time and ms per output token (batch 1 by default)."),
+    "startup": ("startup.py", "Startup: process start to /health 200 per -O level, cold and warm compile cache."),
+    "idle": ("idle.py", "GPU idle between decode steps with and without async scheduling (torch profiler)."),
+    "peer": ("peer_hf.py", "Hugging Face transformers beside aio-engine: batch-1 latency and continuous batching."),
 }
 
 

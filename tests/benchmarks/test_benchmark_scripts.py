@@ -1,0 +1,153 @@
+"""The benchmark scripts' own arithmetic (GPU timelines, percentiles, log timelines, plots) and a
+CPU run of idle.py: the GPU session runs them once, so they must work the first time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def kernel(name: str, ts: float, dur: float, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7}
+
+
+def test_gpu_timeline_counts_overlaps_once_and_reports_the_gaps(tmp_path):
+    from idle import gpu_timeline
+
+    events = [kernel("gemm", 0, 100), kernel("attn", 50, 100),  # overlap: busy 0..150
+              kernel("copy", 160, 10, "gpu_memcpy"),             # gap 10 us
+              kernel("gemm", 400, 100),                           # gap 230 us
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000}]  # host: ignored
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    r = gpu_timeline(trace, steps=2)
+    assert r["window_ms"] == 0.5 and r["busy_ms"] == 0.26 and r["idle_ms"] == 0.24
+    assert r["idle_pct"] == 48.0 and r["idle_ms_per_step"] == 0.12 and r["gpu_ms_per_step"] == 0.25
+    assert r["gaps"] == {"count": 2, "over_10us": 1, "over_100us": 1, "largest_us": [230.0, 10.0]}
+    assert [(k["name"], k["calls"], k["total_ms"]) for k in r["top_kernels"]] == [
+        ("gemm", 2, 0.2), ("attn", 1, 0.1), ("copy", 1, 0.01)]
+
+
+def test_gpu_timeline_without_device_activity_is_not_applicable(tmp_path):
+    from idle import gpu_timeline
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 5}]}))
+    assert gpu_timeline(trace, steps=1)["gpu"].startswith("n/a")
+
+
+def test_percentiles_are_nearest_rank():
+    p = common.percentiles([i / 1000 for i in range(1, 101)], scale=1000)
+    assert p == {"mean": 50.5, "p50": 50.0, "p90": 90.0, "p99": 99.0}
+    assert common.percentiles([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_emit_appends_tagged_lines_that_read_back(tmp_path, capsys):
+    path = tmp_path / "out" / "results.jsonl"
+    common.emit("a", {"x": 1}, jsonl_path=path)
+    common.emit("b", {"x": 2}, jsonl_path=path)
+    records = common.read_records([path])
+    assert [(r["bench"], r["x"]) for r in records] == [("a", 1), ("b", 2)] and "date" in records[0]
+
+
+def test_model_folder_and_word_level_tokenizer(tmp_path):
+    assert common.model_folder(["--model", "m", "-O2"]) == Path("m")
+    assert common.model_folder(["--model=m2"]) == Path("m2")
+    assert common.model_folder(["m3", "--dtype", "bfloat16"]) == Path("m3")
+    assert common.model_folder(["--dtype", "bfloat16"]) is None
+    folder = common.word_level_tokenizer(1000, tmp_path / "tok")
+    assert common.has_tokenizer(folder)
+    from aio_engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    assert len(tokenizer) == 1000
+    detok = IncrementalDetokenizer(tokenizer, [1, 2], skip_special_tokens=True)
+    assert [detok.step(t) for t in (999, 0, 5)] == [" w999", " w0", " w5"]
+
+
+def test_startup_reads_log_times_and_passes_the_cache_folder():
+    import startup
+
+    started = 1_700_000_000.0
+    import datetime
+
+    stamp = datetime.datetime.fromtimestamp(started + 2.5).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+    lines = startup.timeline(f"noise\n{stamp} INFO aio_engine.model_runner: loaded x in 0.3s\n", started)
+    assert lines == [[2.5, "aio_engine.model_runner", "loaded x in 0.3s"]]
+    assert startup.cache_args("-cc.cache_dir=", Path("/c")) == ["-cc.cache_dir=/c"]
+    assert startup.cache_args("--compile-cache-dir", Path("/c")) == ["--compile-cache-dir", "/c"]
+    assert startup.cache_args(None, Path("/c")) == []
+
+
+def test_serving_reads_the_stream_interval_from_the_server_flags():
+    import serving
+
+    assert serving.stream_interval(["--model", "m", "--stream-interval", "8"]) == 8
+    assert serving.stream_interval(["--stream-interval=4"]) == 4
+    assert serving.stream_interval([]) == 1
+
+
+def fake_records() -> list[dict]:
+    q = "benchmarks/models/qwen3-0.6b"
+    pct = {"mean": 10.0, "p50": 8.0, "p90": 15.0, "p99": 30.0}
+    gpu = {"idle_pct": 3.0, "gpu_ms_per_step": 5.0, "idle_ms_per_step": 0.15}
+    return [
+        {"bench": "throughput", "model": q, "optimization_level": 0, "async_scheduling": True, "output_tokens_per_s": 4000},
+        {"bench": "throughput", "model": q, "optimization_level": 2, "async_scheduling": True, "output_tokens_per_s": 15000},
+        {"bench": "throughput", "model": q, "optimization_level": 2, "async_scheduling": False, "output_tokens_per_s": 12000},
+        {"bench": "peer_hf", "model": q, "hf_cb_output_tok_s": 700.0, "hf_cb_requests_done": 64, "hf_num_prompts": 64,
+         "ours_output_tok_s_slice": 9000.0, "hf_latency_ms_per_token": 3.9},
+        {"bench": "latency", "model": "/x/qwen3-0.6b", "ms_per_output_token": 1.6},
+        {"bench": "serving", "request_rate": 16.0, "stream_interval": 1, "ttft_ms": pct, "itl_ms": pct,
+         "output_tokens_per_s": 8000},
+        {"bench": "serving", "request_rate": "inf", "stream_interval": 8, "ttft_ms": pct,
+         "itl_ms": {**pct, "p99": None}, "output_tokens_per_s": 14000},
+        {"bench": "startup", "level": 0, "cache": "cold", "seconds": 12.0},
+        {"bench": "startup", "level": 0, "cache": "warm", "seconds": 10.0},
+        {"bench": "startup", "level": 2, "cache": "cold", "error": "timeout"},
+        {"bench": "startup", "level": 2, "cache": "warm", "seconds": 40.0},
+        {"bench": "idle", "driver": "core", "async_scheduling": True, "batch": 64, "model": q, "gpu": gpu,
+         "timed": {"host_ms_per_step": {"host_busy": 3.0}}},
+        {"bench": "idle", "driver": "core", "async_scheduling": False, "batch": 64, "model": q,
+         "gpu": {**gpu, "idle_pct": 40.0, "idle_ms_per_step": 3.0}, "timed": {"host_ms_per_step": {"host_busy": 7.0}}},
+        {"bench": "idle", "driver": "async", "async_scheduling": True, "gpu": {"gpu": "n/a (CPU)"}},
+        {"bench": "suite", "part": "idle", "status": "ok"},
+    ]
+
+
+def test_plots_makes_a_png_per_benchmark(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in fake_records()))
+    out = tmp_path / "plots"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plots.py"), str(results), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    made = sorted(p.name for p in out.glob("*.png"))
+    assert made == ["idle.png", "latency.png", "serving.png", "startup.png", "throughput.png"]
+    assert all((out / name).stat().st_size > 10_000 for name in made)
+
+
+def test_idle_runs_on_cpu_and_reports_gpu_figures_as_not_applicable(tmp_path):
+    out = tmp_path / "idle.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "idle.py"), "--num-requests", "4", "--prompt-len", "8",
+         "--output-len", "24", "--warmup-steps", "2", "--timed-steps", "8", "--profile-steps", "4",
+         "--drivers", "async", "--max-model-len", "128", "--device", "cpu", "--jsonl", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = common.read_records([out])
+    assert [(r["driver"], r["async_scheduling"]) for r in records] == [("async", True), ("async", False)]
+    on, off = records
+    assert on["timed"]["ahead"] > 0.5 and off["timed"]["ahead"] == 0.0
+    assert on["batch"] == 4 and on["gpu"]["gpu"].startswith("n/a")
+    assert on["timed"]["ms_per_step"] > 0 and "launch" in on["timed"]["host_ms_per_step"]
