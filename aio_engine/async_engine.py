@@ -1,10 +1,11 @@
 """AsyncEngine: the engine loop as one asyncio task, and `async for` over each request's outputs.
 
-The loop schedules on the event loop, builds and launches each step in one worker thread (on CPU
-that thread also computes it), waits for its tokens in that thread (so the loop stays free to
-accept requests and stream), then turns tokens into outputs and hands them to each request's
-collector. With async scheduling step N+1 is launched before step N's tokens are read. A collector keeps only what the consumer has not taken yet, merged, so
-a slow consumer never grows a queue.
+The loop runs EngineCore.phases(), the one description of a step: it schedules on the event loop,
+builds and launches each step in one worker thread (on CPU that thread also computes it), waits
+for its tokens in that thread (so the loop stays free to accept requests and stream), then turns
+tokens into outputs and hands them to each request's collector. With async scheduling step N+1 is
+launched before step N's tokens are read. A collector keeps only what the consumer has not taken
+yet, merged, so a slow consumer never grows a queue.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class AsyncEngine:
         self._abort_now_or_after_step(request_id)
 
     def _abort_now_or_after_step(self, request_id: str) -> None:
-        if self._stepping:  # the worker thread is reading this request's blocks: wait for the step
+        if self._stepping:  # the worker thread may be reading this request (blocks, tokens, grammar)
             self._pending_aborts.add(request_id)
             return
         final = self.core.abort(request_id)
@@ -167,27 +168,8 @@ class AsyncEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                # With async scheduling, step N+1 is launched before step N is read: the host
-                # schedules, builds and launches while the GPU computes, then reads N.
-                if core.in_flight is not None and not core.can_run_ahead():
-                    await self._finish_in_flight(loop)
-                sched = core.schedule()
-                launched = None
-                if not sched.empty:
-                    self._stepping = True  # the worker reads requests' blocks: aborts wait
-                    try:
-                        launched = await loop.run_in_executor(self._executor, core.launch, sched)
-                    finally:
-                        self._stepping = False
-                    self._apply_pending_aborts()
-                if core.in_flight is not None:
-                    await self._finish_in_flight(loop)
-                if launched is not None:
-                    core.in_flight = (sched, launched)
-                    if not core.config.scheduler.async_scheduling:
-                        await self._finish_in_flight(loop)
-                elif sched.empty and core.in_flight is None:
-                    await asyncio.sleep(0)
+                for output in await self._run_phases(loop, core.phases()):
+                    self._deliver(output)
                 await asyncio.sleep(0)  # let consumers and the web layer run between steps
         except asyncio.CancelledError:
             raise
@@ -201,13 +183,22 @@ class AsyncEngine:
                 collector.put(error)
             self._collectors.clear()
 
-    async def _finish_in_flight(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait (in the worker thread: the loop stays free) for the step in flight; deliver its outputs."""
-        sched, launched = self.core.in_flight
-        self.core.in_flight = None
-        result = await loop.run_in_executor(self._executor, self.core.runner.wait, launched)
-        for output in self.core.finish_step(sched, result):
-            self._deliver(output)
+    async def _run_phases(self, loop: asyncio.AbstractEventLoop, phases) -> list[RequestOutput]:
+        """Drive EngineCore.phases(): its host parts here on the loop, each blocking call (launch,
+        the wait on the CUDA event, a late sampling) in the worker thread. Aborts that arrive while
+        the worker runs (it may read those requests' blocks and tokens) apply when it returns."""
+        try:
+            call = next(phases)
+            while True:
+                self._stepping = True
+                try:
+                    result = await loop.run_in_executor(self._executor, call)
+                finally:
+                    self._stepping = False
+                self._apply_pending_aborts()
+                call = phases.send(result)
+        except StopIteration as done:
+            return done.value
 
     def _apply_pending_aborts(self) -> None:
         pending, self._pending_aborts = self._pending_aborts, set()

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 DEFAULT_MAX_CAPTURE_SIZE = 512
+DEFAULT_CACHE_DIR = "~/.cache/aio-engine"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -99,7 +100,7 @@ class EngineArgs:
     enforce_eager: bool = arg(False, "Never capture CUDA graphs (cudagraph_mode NONE) and, unless -cc.mode says otherwise, never compile.", group="compilation")
     cudagraph_capture_sizes: list[int] | None = arg(None, "Batch sizes to capture CUDA graphs for (default: 1, 2, 4, 8, then every 8 up to --max-cudagraph-capture-size).", group="compilation")
     max_cudagraph_capture_size: int | None = arg(None, f"Largest batch captured in a CUDA graph (default {DEFAULT_MAX_CAPTURE_SIZE}; also capped by --max-num-seqs and --max-num-batched-tokens).", group="compilation")
-    compilation_config: dict = arg({}, "JSON settings of compilation and CUDA graphs: mode (none|compile), cudagraph_mode (NONE|PIECEWISE|FULL|FULL_DECODE_ONLY|FULL_AND_PIECEWISE), cudagraph_capture_sizes, max_cudagraph_capture_size, pass_config {enable_fusion}, inductor_compile_config. Keys set here win over -O's defaults.", group="compilation")
+    compilation_config: dict = arg({}, f"JSON settings of compilation and CUDA graphs: mode (none|compile; on CPU only when given), cudagraph_mode (NONE|PIECEWISE|FULL|FULL_DECODE_ONLY|FULL_AND_PIECEWISE), cudagraph_capture_sizes, max_cudagraph_capture_size, pass_config {{enable_fusion}}, inductor_compile_config, cache_dir (compiled code kept across starts; default {DEFAULT_CACHE_DIR}). Keys set here win over -O's defaults.", group="compilation")
     # structured outputs
     structured_outputs_config: dict = arg({}, "JSON settings of grammar-constrained decoding: backend, disable_any_whitespace, disable_additional_properties, max_cache_entries, compile_threads, compile_workers.", group="structured_outputs")
     # parallel
@@ -180,7 +181,7 @@ LEVEL_DEFAULTS = {
 _VLLM_MODES = {"0": "none", "1": "compile", "2": "compile", "3": "compile", "no_compilation": "none",
                "stock_torch_compile": "compile", "dynamo_trace_once": "compile", "vllm_compile": "compile"}
 _CC_KEYS = ("mode", "cudagraph_mode", "cudagraph_capture_sizes", "max_cudagraph_capture_size", "pass_config",
-            "inductor_compile_config")
+            "inductor_compile_config", "cache_dir")
 _PASS_KEYS = ("enable_fusion",)
 
 
@@ -194,8 +195,11 @@ class CompilationConfig:
     cudagraph_capture_sizes: list[int] = field(default_factory=list)  # empty when cudagraph_mode is NONE
     mode: str = "none"  # none: eager; compile: torch.compile (inductor) of the pieces between attention calls
     max_cudagraph_capture_size: int = 0
+    # Inside the compiled pieces, norms, rotary and SiLU-and-mul as torch ops that inductor fuses with
+    # their neighbours (residual add + RMSNorm, q/k norm + rotary, ...); off: our Triton kernels.
     enable_fusion: bool = False
     inductor_compile_config: dict = field(default_factory=dict)  # max_autotune at -O3
+    cache_dir: str = DEFAULT_CACHE_DIR  # inductor's and Triton's compiled code, kept across starts
     user_set: tuple[str, ...] = ()  # the settings the user gave (the rest came from the level)
 
     @property
@@ -213,7 +217,7 @@ class CompilationConfig:
         shown = f"{len(sizes)} sizes {sizes[0]}..{sizes[-1]}" if len(sizes) > 4 else str(sizes)
         return (f"-O{self.level}{' (enforce_eager)' if self.enforce_eager else ''}: mode={self.mode} "
                 f"cudagraph_mode={self.cudagraph_mode} capture_sizes={shown} enable_fusion={self.enable_fusion} "
-                f"inductor_compile_config={self.inductor_compile_config}; set by the user: "
+                f"inductor_compile_config={self.inductor_compile_config} cache_dir={self.cache_dir}; set by the user: "
                 f"{', '.join(self.user_set) or 'nothing'}")
 
 
@@ -344,9 +348,10 @@ class EngineConfig:
 def resolve_compilation_config(args: EngineArgs, device: torch.device) -> CompilationConfig:
     """The -O level's defaults under what the user set (-cc keys, dedicated flags, --enforce-eager).
 
-    CUDA graphs exist on CUDA only: elsewhere cudagraph_mode resolves to NONE. A padded graph batch
-    must fit the input buffers (max_num_batched_tokens) and the seats (max_num_seqs), so capture
-    sizes above those are dropped.
+    CUDA graphs exist on CUDA only: elsewhere cudagraph_mode resolves to NONE, and mode to none unless
+    the user asked for compile (CPU runs tests and CI, where compiling costs more than it saves). A
+    padded graph batch must fit the input buffers (max_num_batched_tokens) and the seats
+    (max_num_seqs), so capture sizes above those are dropped.
     """
     cc = dict(_dict_arg(args.compilation_config, "compilation_config"))
     unknown = sorted(set(cc) - set(_CC_KEYS))
@@ -378,6 +383,11 @@ def resolve_compilation_config(args: EngineArgs, device: torch.device) -> Compil
     mode = _VLLM_MODES.get(str(mode).lower(), str(mode).lower())
     if mode not in COMPILE_MODES:
         raise ValueError(f"compilation_config.mode must be one of {COMPILE_MODES}, got {cc['mode']!r}")
+    if device.type != "cuda" and "mode" not in cc:
+        mode = "none"
+    cache_dir = cc.get("cache_dir", DEFAULT_CACHE_DIR)
+    if not isinstance(cache_dir, str) or not cache_dir:
+        raise ValueError(f"compilation_config.cache_dir must be a folder path, got {cache_dir!r}")
     graphs = str(cc.get("cudagraph_mode", implied["cudagraph_mode"])).upper()
     if graphs not in CUDAGRAPH_MODES:
         raise ValueError(f"compilation_config.cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {cc['cudagraph_mode']!r}")
@@ -410,7 +420,7 @@ def resolve_compilation_config(args: EngineArgs, device: torch.device) -> Compil
     return CompilationConfig(
         level=level, enforce_eager=args.enforce_eager, cudagraph_mode=graphs, cudagraph_capture_sizes=sizes,
         mode=mode, max_cudagraph_capture_size=max(sizes, default=0), enable_fusion=fusion,
-        inductor_compile_config=inductor, user_set=tuple(user_set),
+        inductor_compile_config=inductor, cache_dir=cache_dir, user_set=tuple(user_set),
     )
 
 

@@ -1,8 +1,10 @@
 """EngineCore: one synchronous engine (tokenizer, scheduler, KV-cache manager, runner, outputs).
 
-A step is three calls so that the async engine can run the middle one off the event loop:
-`schedule()` (cheap, on the loop), `execute()` (the forward and sampling; blocks), and
-`finish_step()` (tokens -> requests -> outputs). `step()` chains them for the offline LLM.
+A step goes through phases: `schedule()` (cheap), `launch()` (queues the forward and usually the
+sampling; blocks on CPU), `runner.wait()` (the host sync), `finish_step()` (tokens -> requests ->
+outputs) and, when the sampling had to wait for the step before, `sample()`. `phases()` is the one
+description of their order; `step()` runs it in place for the offline LLM, AsyncEngine runs its
+blocking calls in a worker thread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +56,8 @@ class EngineCore:
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self.num_steps_run_ahead = 0  # steps finished while the next one was already queued
+        self.num_late_samplings = 0  # steps whose sampling waited for the step before (sample())
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.cache.block_size,
                     num_blocks * self.runner.bytes_per_block() / 2**20)
 
@@ -191,60 +196,84 @@ class EngineCore:
                 self.num_prompt_tokens_computed += min(sched.num_new_tokens, request.num_prompt_tokens - sched.start)
         return out
 
-    def can_run_ahead(self) -> bool:
-        """May the next step be launched before the step in flight returns its tokens? Not when
-        a running request's sampling depends on its last token on the host (penalties,
-        min_tokens, bad words, grammars)."""
-        if not self.config.scheduler.async_scheduling:
-            return False
-        for request in self.scheduler.running:
-            p = request.sampling_params
-            if (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or request.bad_words_ids
-                    or request.num_output_tokens < p.min_tokens or p.structured_outputs is not None):
-                return False
-        return True
-
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
-        """Enqueue the step on the GPU (feeding it the in-flight step's tokens) without waiting."""
+        """Enqueue the step on the GPU (feeding it the in-flight step's tokens) without waiting:
+        the forward, and the sampling too unless it needs the step in flight finished first."""
         return self.runner.launch(out, self.in_flight[1] if self.in_flight else None)
+
+    def sample(self, out: SchedulerOutput, launched: LaunchedStep) -> None:
+        """Enqueue the sampling launch() left, from the requests' state after the step before."""
+        self.num_late_samplings += 1
+        self.runner.sample(out, launched)
 
     def finish_step(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         self.num_steps += 1
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
-        for request in changed:
-            if request.grammar is not None and not request.status.finished:
-                self._advance_grammar(request)
+        constrained = [r for r in changed if r.grammar is not None and not r.status.finished]
+        if constrained:
+            self._advance_grammars(constrained)
         return self.outputs.process(changed, self.scheduler.finish_request)
 
-    def _advance_grammar(self, request: Request) -> None:
-        """The grammar takes the new token; a complete output ends the request ("stop")."""
-        if not request.grammar.accept_token(request.output_token_ids[-1]):
-            logger.error("request %s: token %d breaks its grammar", request.request_id, request.output_token_ids[-1])
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
-        elif request.grammar.is_terminated:
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+    def _advance_grammars(self, requests: list[Request]) -> None:
+        """Each grammar takes its request's new token (one call into xgrammar for the batch); a
+        complete output ends its request ("stop")."""
+        from structured.matcher import accept_batch
 
-    def step(self) -> list[RequestOutput]:
-        """One iteration. With async scheduling the next step is launched before the one in
-        flight is read, so the host's work overlaps the GPU's; outputs come one step later."""
+        tokens = [r.all_token_ids[-1] for r in requests]
+        for request, token, accepted in zip(requests, tokens, accept_batch([r.grammar for r in requests], tokens)):
+            if not accepted:
+                logger.error("request %s: token %d breaks its grammar", request.request_id, token)
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+            elif request.grammar.is_terminated:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+    def phases(self) -> Generator[Callable[[], Any], Any, list[RequestOutput]]:
+        """One iteration of the pipeline, for a driver to run: it yields each blocking call (the
+        driver runs it, here or in a worker thread, and sends its result back) and returns the
+        outputs. With async scheduling, step N in flight:
+
+            schedule N+1     host
+            launch N+1       blocking   forward N+1 queued behind N, its inputs N's ids on the GPU;
+                                        its sampling too, unless a row samples from its tokens so far
+            wait N           blocking   N's ids home (the one host sync)
+            finish N         host       tokens appended, grammars advanced, stops, outputs
+            sample N+1       blocking   only if launch left it: rows from the state after N, the
+                                        bitmask filled while the GPU runs forward N+1, the sampler
+
+        So only the sampler waits for the host, and outputs come one step later. Without async
+        scheduling nothing is in flight at the start, and N+1 is waited for and finished at once.
+        Between iterations the step in flight, if any, is queued whole (sampling included).
+        """
         outputs: list[RequestOutput] = []
-        if self.in_flight is not None and not self.can_run_ahead():
-            outputs += self._finish_in_flight()
         out = self.schedule()
-        launched = self.launch(out) if not out.empty else None
+        launched = (yield functools.partial(self.launch, out)) if not out.empty else None
         if self.in_flight is not None:
-            outputs += self._finish_in_flight()
+            if launched is not None:
+                self.num_steps_run_ahead += 1
+            outputs += yield from self._finish_phases()
         if launched is not None:
+            if launched.needs_sampling:
+                yield functools.partial(self.sample, out, launched)
             self.in_flight = (out, launched)
             if not self.config.scheduler.async_scheduling:
-                outputs += self._finish_in_flight()
+                outputs += yield from self._finish_phases()
         return outputs
 
-    def _finish_in_flight(self) -> list[RequestOutput]:
+    def _finish_phases(self) -> Generator[Callable[[], Any], Any, list[RequestOutput]]:
+        """Wait for the step in flight (a blocking call) and finish it."""
         out, launched = self.in_flight
         self.in_flight = None
-        return self.finish_step(out, self.runner.wait(launched))
+        result = yield functools.partial(self.runner.wait, launched)
+        return self.finish_step(out, result)
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration, its blocking calls run in this thread (the offline LLM); see phases()."""
+        return run_phases(self.phases())
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Wait for the step in flight in this thread and finish it."""
+        return run_phases(self._finish_phases())
 
     def fail_all(self) -> list[str]:
         """After an error in a step: finish every request and free its blocks; their ids."""
@@ -255,3 +284,13 @@ class EngineCore:
         for request_id in list(self.scheduler.requests):  # sequences without an output state
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
         return ids
+
+
+def run_phases(phases: Generator[Callable[[], Any], Any, Any]) -> Any:
+    """Drive EngineCore.phases() (or a part of it) in this thread: each blocking call runs in place."""
+    try:
+        call = next(phases)
+        while True:
+            call = phases.send(call())
+    except StopIteration as done:
+        return done.value

@@ -6,12 +6,13 @@ pinned on CUDA, copied non-blocking). It never decides who runs: the scheduler d
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from sampling.metadata import SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplerOutput
 
+from .compilation import PiecewiseForward, configure_caches, graph_capture, no_gc
 from .config import EngineConfig
 from .loader import load_model
 from .scheduler import SchedulerOutput
@@ -61,6 +63,7 @@ class ModelRunner:
         self.device = config.device
         mc = config.model
         torch.manual_seed(mc.seed)
+        configure_caches(config.compilation.cache_dir)  # before any kernel or graph is compiled
         start = time.perf_counter()
         self.model = load_model(config)
         logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype, time.perf_counter() - start)
@@ -86,8 +89,14 @@ class ModelRunner:
         self.logprobs_mode = mc.logprobs_mode
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # FULL decode graphs
+        self.graph_sizes: list[int] = []
         self.graph_replays = 0
+        # -O1 and up: the model compiled between attention calls (its piecewise graphs come later).
+        self.pieces: PiecewiseForward | None = None
+        if config.compilation.mode == "compile":
+            self.pieces = PiecewiseForward(self.model, config.compilation, self.max_num_tokens, mc.dtype, dev)
+            self.pieces.compile()
 
     # --- KV cache sizing ---
     def bytes_per_block(self) -> int:
@@ -219,33 +228,47 @@ class ModelRunner:
     # --- CUDA graphs ---
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
-        """FULL graphs of the forward (attention inside) for uniform decode batches of each capture size.
-
-        Inputs live in the staging buffers' device halves and in `graph_tables` (fixed strides),
-        so a replay only needs those refilled. Largest first, all in one memory pool.
+        """PIECEWISE graphs of the compiled pieces per token count (mixed and prefill batches), then
+        FULL graphs of the whole forward (attention inside) for uniform decode batches, per capture
+        size. Inputs live in the staging buffers' device halves and in `graph_tables` (fixed
+        strides), so a replay only needs those refilled. Largest first, all in one memory pool.
         """
         compilation = self.config.compilation
         sizes = compilation.cudagraph_capture_sizes
-        if compilation.piecewise_graphs or compilation.mode != "none":
-            logger.warning("cudagraph_mode %s / mode %s: piecewise graphs and torch.compile are not implemented "
-                           "yet; prefill and mixed batches run eagerly", compilation.cudagraph_mode, compilation.mode)
-        if not compilation.full_decode_graphs or not sizes or self.device.type != "cuda":
+        if not sizes or self.device.type != "cuda":
             return
+        if compilation.piecewise_graphs and self.pieces is None:
+            logger.warning("cudagraph_mode %s: piecewise graphs need the compiled pieces (mode compile, here %s); "
+                           "prefill and mixed batches run eagerly", compilation.cudagraph_mode, compilation.mode)
+        pool = torch.cuda.graph_pool_handle()
+        progress = self.config.load.use_tqdm
+        if compilation.piecewise_graphs and self.pieces is not None:
+            start = time.perf_counter()
+            self.pieces.capture(sizes, self.buf_input_ids.device, self.buf_positions.device, pool, self.stream,
+                                progress)
+            torch.cuda.synchronize()
+            logger.info("captured %d piecewise CUDA graphs (%d pieces x %d token counts, %d..%d) in %.1fs",
+                        len(sizes) * len(self.pieces.pieces), len(self.pieces.pieces), len(sizes), min(sizes),
+                        max(sizes), time.perf_counter() - start)
+        if compilation.full_decode_graphs:
+            self._capture_full_graphs(sizes, pool, progress)
+
+    def _capture_full_graphs(self, sizes: list[int], pool, progress: bool) -> None:
         start = time.perf_counter()
         self.graph_tables = torch.zeros(max(sizes), self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
-        pool = torch.cuda.graph_pool_handle()
         from tqdm.auto import tqdm
 
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), no_gc():
             for size in tqdm(sorted(sizes, reverse=True), desc="Capturing CUDA graphs", unit="graph",
-                             disable=not self.config.load.use_tqdm):
+                             disable=not progress):
                 input_ids, positions, meta = self._graph_inputs([], size)
                 for _ in range(2):  # warm up: Triton compiles, the allocator settles
-                    self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self.stream):
-                    logits = self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+                    self.model.compute_logits(self._model_forward(input_ids, positions, meta, use_graphs=False))
+                with graph_capture(torch.cuda.CUDAGraph(), pool, self.stream) as graph:
+                    hidden = self._model_forward(input_ids, positions, meta, use_graphs=False)
+                    logits = self.model.compute_logits(hidden)
                 self.graphs[size] = (graph, logits)
+        self.graph_sizes = sorted(self.graphs)
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch %d..%d) in %.1fs", len(sizes), min(sizes), max(sizes),
                     time.perf_counter() - start)
@@ -259,14 +282,24 @@ class ModelRunner:
         return input_ids, positions, meta
 
     def _graph_size(self, seqs) -> int | None:
+        """The FULL graph's batch size a uniform decode batch is padded to, or None."""
         if not self.graphs or any(len(t) != 1 for t, _, _ in seqs):
             return None
-        return next((s for s in sorted(self.graphs) if s >= len(seqs)), None)
+        i = bisect.bisect_left(self.graph_sizes, len(seqs))
+        return self.graph_sizes[i] if i < len(self.graph_sizes) else None
+
+    def _model_forward(self, input_ids, positions, meta, use_graphs: bool = True) -> torch.Tensor:
+        """hidden [num_tokens, hidden]: the compiled pieces (their piecewise graphs where one fits)
+        with attention between them, or the eager model."""
+        if self.pieces is not None:
+            return self.pieces(input_ids, positions, self.kv_caches, meta, use_graphs)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def _forward_raw(self, seqs, sample_rows: list[int], fill=None):
         """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata).
-        Uniform decode batches replay a CUDA graph instead (hidden is then None)."""
+        Uniform decode batches replay a FULL CUDA graph instead (hidden is then None). Compiled,
+        hidden is a view of the pieces' buffer: read it (enqueue its use) before the next forward."""
         size = self._graph_size(seqs)
         if size is not None and len(sample_rows) == len(seqs):
             input_ids, _, meta = self._graph_inputs(seqs, size)
@@ -279,7 +312,7 @@ class ModelRunner:
         input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
         if fill is not None:
             fill(input_ids)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self._model_forward(input_ids, positions, meta)
         return hidden, self.model.compute_logits(hidden[logits_idx]), meta  # logits [len(sample_rows), vocab]
 
     @torch.inference_mode()
@@ -287,17 +320,21 @@ class ModelRunner:
         """Enqueue one step (forward, sampling, copy of the ids home) and return without waiting.
 
         A request whose previous token is still on the GPU (async scheduling) takes it from
-        `prev`'s sampled ids on the device. `wait()` gives the step's StepResult.
+        `prev`'s sampled ids on the device. While `prev` is in flight, the host state some rows
+        sample from (grammar matchers, output ids for penalties, the count for min_tokens, the
+        last tokens for bad words) is a token behind: then only the forward is enqueued, and the
+        step comes back `needs_sampling`, for `sample()` once `prev` is finished on the host.
+        `wait()` gives the step's StepResult.
         """
         for buf in self.buffers:
             buf.flip()
         self.buf_sampled.flip()
         seqs = []
         sample_rows: list[int] = []
-        rows: list[SamplingRow] = []
+        counters: list[int] = []  # per sampling row: tokens before this one, the random stream's counter
         prompt_spans: list[tuple[int, int, int]] = []  # (row, first, last): positions whose next token is known
         carried: list[tuple[int, int]] = []  # (row, row of its sampled token in `prev`)
-        grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
+        reads_host = False  # a sampling row depends on the tokens its request has so far
         for i, sched in enumerate(out.scheduled):
             r = sched.request
             start = sched.start
@@ -307,45 +344,80 @@ class ModelRunner:
                 carried.append((i, prev.sample_row[r.request_id]))
             seqs.append((tokens, start, r.block_ids))
             if sched.samples:
-                if r.grammar is not None:
-                    grammars.append(r.grammar)
-                    grammar_rows.append(len(sample_rows))
                 sample_rows.append(i)
-                step = r.num_output_tokens + r.num_pending - 1  # tokens before this one: the stream's counter
-                rows.append(SamplingRow(r.sampling_params, r.seed, step, r.output_token_ids,
-                                        r.prompt_token_ids, r.banned_token_ids()))
+                # Counts the pending token too: the same number before and after `prev` is finished.
+                counters.append(r.num_output_tokens + r.num_pending - 1)
+                reads_host = reads_host or _samples_from_its_tokens(r)
             if r.sampling_params.prompt_logprobs is not None:
                 # A preempted request recomputes its prompt: positions it already has are skipped.
                 first = max(start, len(r.prompt_logprobs))
                 last = min(start + sched.num_new_tokens, r.num_prompt_tokens - 1)
                 if last > first:
                     prompt_spans.append((i, first, last))
-        step = LaunchedStep(num_rows=len(seqs), sample_rows=sample_rows,
-                            sample_row={out.scheduled[row].request.request_id: j for j, row in enumerate(sample_rows)},
-                            logprobs_wanted=[r.params.logprobs for r in rows])
+        step = LaunchedStep(num_rows=len(seqs), sample_rows=sample_rows, counters=counters,
+                            sample_row={out.scheduled[row].request.request_id: j for j, row in enumerate(sample_rows)})
         if not seqs:
             return step
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        with self._on_stream():
             fill = self._carry_tokens(seqs, carried, prev) if carried else None
             hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill)
             if prompt_spans:
                 step.prompt_logprobs = self._prompt_logprobs(hidden, meta, prompt_spans, out)
-            if sample_rows:
-                md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode)
-                constrain = None
-                if grammars:  # filled on the host while the GPU runs the forward
-                    self.bitmask.fill(grammars, grammar_rows)
-                    constrain = self.bitmask.apply
-                step.sampled = self.sampler(logits, md, constrain)
-                if self.stream is None:  # CPU: the ids are already home
-                    step.host_ids = step.sampled.token_ids
-                else:
-                    step.host_ids = self.buf_sampled.host[: len(sample_rows)]
-                    step.host_ids.copy_(step.sampled.token_ids, non_blocking=True)
-            if self.stream is not None:
-                step.done = torch.cuda.Event()
-                step.done.record()
+            if sample_rows and prev is not None and reads_host:
+                step.logits = logits  # [len(sample_rows), vocab]: sampled by sample(), after `prev`
+            elif sample_rows:
+                self._enqueue_sampling(out, step, logits)
+            self._record_done(step)
         return step
+
+    @torch.inference_mode()
+    def sample(self, out: SchedulerOutput, step: LaunchedStep) -> None:
+        """Enqueue the sampling that launch() left to later, from the requests' state now: call it
+        once the step that was in flight is finished on the host (its tokens appended, its
+        grammars advanced), before the next launch (which feeds on this step's ids). The bitmask
+        is filled here on the host while the GPU still runs this step's forward."""
+        logits, step.logits = step.logits, None
+        with self._on_stream():
+            self._enqueue_sampling(out, step, logits)
+            self._record_done(step)
+
+    def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
+        """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""
+        rows: list[SamplingRow] = []
+        grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
+        for j, i in enumerate(step.sample_rows):
+            r = out.scheduled[i].request
+            # Finished while this step was in flight (stop, grammar end, abort): its token will be
+            # dropped, and its grammar (terminated, or no longer fed) is left alone.
+            live = not r.status.finished
+            if r.grammar is not None and live:
+                grammars.append(r.grammar)
+                grammar_rows.append(j)
+            rows.append(SamplingRow(r.sampling_params, r.seed, step.counters[j],
+                                    banned_ids=r.banned_token_ids() if live else (),
+                                    token_ids=r.all_token_ids, num_prompt_tokens=r.num_prompt_tokens))
+        step.logprobs_wanted = [r.params.logprobs for r in rows]
+        md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
+                                    getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler
+        constrain = None
+        if grammars:  # filled on the host while the GPU runs the forward
+            self.bitmask.fill(grammars, grammar_rows)
+            constrain = self.bitmask.apply
+        step.sampled = self.sampler(logits, md, constrain)
+        if self.stream is None:  # CPU: the ids are already home
+            step.host_ids = step.sampled.token_ids
+        else:
+            step.host_ids = self.buf_sampled.host[: len(step.sample_rows)]
+            step.host_ids.copy_(step.sampled.token_ids, non_blocking=True)
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _record_done(self, step: LaunchedStep) -> None:
+        """Mark the end of what is queued for the step so far: wait() synchronizes on it."""
+        if self.stream is not None:
+            step.done = torch.cuda.Event()
+            step.done.record()
 
     @functools.cached_property
     def bitmask(self):
@@ -356,6 +428,8 @@ class ModelRunner:
 
     def _carry_tokens(self, seqs, carried, prev: LaunchedStep):
         """A function that writes `prev`'s sampled ids into this step's device input ids."""
+        if prev.sampled is None:
+            raise RuntimeError("the step in flight was never sampled: sample() it before the next launch")
         starts = np.cumsum([0] + [len(t) for t, _, _ in seqs])
         dst = torch.tensor([int(starts[row + 1]) - 1 for row, _ in carried]).to(self.device, non_blocking=True)
         src = torch.tensor([j for _, j in carried]).to(self.device, non_blocking=True)
@@ -390,7 +464,10 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Launch one step and wait for it."""
-        return self.wait(self.launch(out))
+        step = self.launch(out)
+        if step.needs_sampling:
+            self.sample(out, step)
+        return self.wait(step)
 
     def _prompt_logprobs(self, hidden, meta, spans, out: SchedulerOutput):
         """Logprobs of each prompt token given the ones before it, for the requests that ask.
@@ -424,18 +501,32 @@ class ModelRunner:
         return collect
 
 
+def _samples_from_its_tokens(request) -> bool:
+    """Does the request's next draw depend on the tokens it has so far (which the host must have)?"""
+    p = request.sampling_params
+    return (request.grammar is not None or bool(request.bad_words_ids) or request.num_output_tokens < p.min_tokens
+            or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0)
+
+
 @dataclass
 class LaunchedStep:
-    """A step on its way through the GPU: what wait() needs to read its results."""
+    """A step on its way through the GPU: what sample() and wait() need."""
 
     num_rows: int
     sample_rows: list[int]
     sample_row: dict[str, int]  # request id -> row in `sampled`, for the next step's carried inputs
-    logprobs_wanted: list[int | None]
+    counters: list[int]  # per sampling row: the random stream's counter
+    logprobs_wanted: list[int | None] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # [len(sample_rows), vocab] while the sampling waits for sample()
     sampled: SamplerOutput | None = None
     host_ids: torch.Tensor | None = None
     prompt_logprobs: Callable[[], dict[int, list]] | None = None
     done: torch.cuda.Event | None = None
+
+    @property
+    def needs_sampling(self) -> bool:
+        """launch() queued the forward only: sample() must follow once the step before is finished."""
+        return self.logits is not None
 
 
 @dataclass

@@ -1,10 +1,15 @@
-"""Sampler benchmark: one whole Sampler call per step (SamplingMetadata.build included) at batch
-256 over Qwen's 151,936-token vocabulary, random float32 logits, beside the issue's goals
-(greedy under 150 us, top-k + top-p + penalties under 400 us on the H100).
+"""Sampler benchmark at batch 256 over Qwen's 151,936-token vocabulary, float32 logits, beside the
+issue's goals (greedy under 150 us, top-k + top-p + penalties under 400 us on the H100).
 
-Times are medians of triton.testing.do_bench (CUDA events). The sampler works on the logits in
-place, as in the engine, so nothing is copied per call; "sampler alone" reuses metadata built
-once, so the difference between the two columns is the host's share.
+Per case: "sampler" is the Sampler alone on metadata built once (GPU time); "full call" is
+SamplingMetadata.build then the Sampler, as the engine runs them each step (GPU time, which
+includes the host's share wherever the host is the slower side); "build" is the host time of
+SamplingMetadata.build alone, with one token appended to every row's list per build as in the
+engine; "sampler host" is the host time to enqueue the Sampler's work. Rows pass their token
+lists the way the runner does (SamplingRow.token_ids), with the Sampler's TokenHistories.
+
+GPU times are medians of triton.testing.do_bench (CUDA events). The sampler works on the logits
+in place, as in the engine, so nothing is copied per call.
 
   python benchmarks/sampling.py --json out.json
   python benchmarks/sampling.py --device cpu --batch 4 --vocab 2000   # smoke test on a CPU
@@ -28,21 +33,29 @@ from sampling.params import SamplingParams  # noqa: E402
 from sampling.sampler import Sampler  # noqa: E402
 
 PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)
-# name: (sampling parameters of every row, output tokens per row, goal in us or None)
+PROMPT = 128  # prompt tokens per row (the repetition penalty reads them)
+# name: (sampling parameters of every row, output tokens per row, logits scale, goal in us or None).
+# Logits are standard normal times the scale: at 1 a top-p 0.9 nucleus holds ~78k tokens (every
+# row takes the exact search); at 5 a few dozen, as a language model's usually do.
 CASES = {
-    "greedy": (dict(temperature=0.0), 0, 150),
-    "temperature 0.8": (dict(temperature=0.8), 0, None),
-    "top-k 50 + top-p 0.9": (dict(temperature=0.8, top_k=50, top_p=0.9), 0, None),
-    "top-p 0.9 (full sort)": (dict(temperature=0.8, top_p=0.9), 0, None),
-    "top-k + top-p + penalties, 256 output tokens": (dict(temperature=0.8, top_k=50, top_p=0.9, **PENALTIES), 256, 400),
-    "logprobs 20": (dict(temperature=0.8, logprobs=20), 0, None),
+    "greedy": (dict(temperature=0.0), 0, 1.0, 150),
+    "temperature 0.8": (dict(temperature=0.8), 0, 1.0, None),
+    "min-p 0.05": (dict(temperature=0.8, min_p=0.05), 0, 1.0, None),
+    "top-k 50 + top-p 0.9": (dict(temperature=0.8, top_k=50, top_p=0.9), 0, 1.0, None),
+    "top-p 0.9, peaked logits (window)": (dict(temperature=0.8, top_p=0.9), 0, 5.0, None),
+    "top-p 0.9, flat logits (search)": (dict(temperature=0.8, top_p=0.9), 0, 1.0, None),
+    "top-k + top-p + penalties, 256 output tokens": (dict(temperature=0.8, top_k=50, top_p=0.9, **PENALTIES), 256,
+                                                     1.0, 400),
+    "logprobs 20": (dict(temperature=0.8, logprobs=20), 0, 1.0, None),
 }
 
 
 def make_rows(params: dict, batch: int, vocab: int, num_output: int, seed: int = 0) -> list[SamplingRow]:
     gen = torch.Generator().manual_seed(seed)
-    outputs = torch.randint(0, vocab, (batch, num_output), generator=gen).tolist()
-    return [SamplingRow(SamplingParams(**params), seed=i, step=num_output, output_ids=outputs[i]) for i in range(batch)]
+    tokens = torch.randint(0, vocab, (batch, PROMPT + num_output), generator=gen).tolist()
+    sp = SamplingParams(**params)
+    return [SamplingRow(sp, seed=i, step=num_output, token_ids=tokens[i], num_prompt_tokens=PROMPT)
+            for i in range(batch)]
 
 
 def median_us(fn, device: torch.device, reps: int) -> float:
@@ -59,17 +72,51 @@ def median_us(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def host_us(fn, calls: int, device: torch.device) -> float:
+    """Median host time of fn over `calls` calls (the GPU is synchronized before, not during)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
 def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
-    logits = torch.randn(batch, vocab, device=device)
-    sampler = Sampler()
+    base = torch.randn(batch, vocab, device=device)
     results = []
-    for name, (params, num_output, goal) in CASES.items():
+    for name, (params, num_output, scale, goal) in CASES.items():
+        logits = base * scale
+        sampler = Sampler()
         rows = make_rows(params, batch, vocab, num_output)
-        md = SamplingMetadata.build(rows, vocab, device)
-        full = median_us(lambda: sampler(logits, SamplingMetadata.build(rows, vocab, device)), device, reps)
+
+        def build():
+            return SamplingMetadata.build(rows, vocab, device, histories=sampler.histories)
+
+        md = build()
+        full = median_us(lambda: sampler(logits, build()), device, reps)
         alone = median_us(lambda: sampler(logits, md), device, reps)
-        results.append(dict(case=name, batch=batch, vocab=vocab, full_us=round(full, 1), sampler_us=round(alone, 1),
-                            goal_us=goal, meets_goal=None if goal is None or device.type != "cuda" else full < goal))
+        enqueue = host_us(lambda: sampler(logits, md), 30, device)
+        # The build as the engine sees it: one more token in every row's list each step (copies,
+        # so that the timed loops above keep their fixed lists).
+        grown = [SamplingRow(r.params, r.seed, r.step, token_ids=list(r.token_ids), num_prompt_tokens=PROMPT)
+                 for r in rows]
+        fresh = Sampler()
+
+        def build_grown():
+            for r in grown:
+                r.token_ids.append(7)
+            SamplingMetadata.build(grown, vocab, device, histories=fresh.histories)
+
+        host = host_us(build_grown, 50, device)
+        results.append(dict(case=name, batch=batch, vocab=vocab, sampler_us=round(alone, 1), full_us=round(full, 1),
+                            build_us=round(host, 1), sampler_host_us=round(enqueue, 1), goal_us=goal,
+                            meets_goal=None if goal is None or device.type != "cuda" else full < goal))
     return results
 
 
@@ -89,12 +136,12 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, batch {args.batch} x vocab {args.vocab}, float32 logits")
     results = run(args.batch, args.vocab, device, args.reps)
-    print("| case | full call (us) | sampler alone (us) | goal (us) |")
-    print("|---|---|---|---|")
+    print("| case | sampler (us) | full call (us) | build, host (us) | sampler, host (us) | goal (us) |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         verdict = {True: " (met)", False: " (MISSED)", None: ""}[r["meets_goal"]]  # the goals are for CUDA
         goal = "" if r["goal_us"] is None else f"< {r['goal_us']}{verdict}"
-        print(f"| {r['case']} | {r['full_us']} | {r['sampler_us']} | {goal} |")
+        print(f"| {r['case']} | {r['sampler_us']} | {r['full_us']} | {r['build_us']} | {r['sampler_host_us']} | {goal} |")
     if args.json:
         args.json.write_text(json.dumps(dict(device=name, results=results), indent=2))
 

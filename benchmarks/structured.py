@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="library: the lm_head width (>= tokenizer's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="library: bitmask steps")
+    parser.add_argument("--fill-threads", default="auto",
+                        help="xgrammar's threads for one batch fill (an integer, or auto: half the host's cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     engine = parser.add_argument_group("engine mode")
     engine.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -76,6 +78,7 @@ def main() -> None:
     engine.add_argument("--max-model-len", type=int, default=1024)
     engine.add_argument("--any-whitespace", action="store_true", help="let the JSON grammar allow free whitespace")
     engine.add_argument("--enforce-eager", action="store_true")
+    engine.add_argument("--no-async-scheduling", action="store_true", help="every step in order (to compare)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     results = {}
@@ -105,7 +108,7 @@ def library(args) -> dict:
     cached_s = (time.perf_counter() - start) / 100
 
     vocab = service.vocab_size
-    bitmask = BatchBitmask(args.batch, vocab, args.device)
+    bitmask = BatchBitmask(args.batch, vocab, args.device, fill_threads=_threads(args.fill_threads))
     grammars = [RequestGrammar(compiled) for _ in range(args.batch)]
     gen = torch.Generator(device=args.device).manual_seed(0)
     fills, applies = [], []
@@ -148,7 +151,7 @@ def engine_level(args) -> dict:
     start = time.perf_counter()
     llm = LLM(args.model, tokenizer=args.tokenizer, load_format=args.load_format, dtype=dtype, device=args.device,
               max_num_seqs=max(args.batch, 1), max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-              use_tqdm_on_load=False)
+              async_scheduling=not args.no_async_scheduling, use_tqdm_on_load=False)
     startup_s = time.perf_counter() - start
     core = llm.core
     vocab = core.config.model.vocab_size
@@ -165,6 +168,9 @@ def engine_level(args) -> dict:
     cached_s = (time.perf_counter() - start) / 100
 
     # Every bitmask fill of the engine, timed: (seconds, rows filled).
+    if args.fill_threads != "auto":  # the runner's bitmask, made here with other threads
+        core.runner.bitmask = BatchBitmask(core.runner.max_num_seqs, vocab, core.config.device,
+                                           fill_threads=_threads(args.fill_threads))
     bitmask = core.runner.bitmask
     fill = bitmask.fill
     fills: list[tuple[float, int]] = []
@@ -200,21 +206,24 @@ def engine_level(args) -> dict:
     ratio = bound["decode_tok_s"] / free["decode_tok_s"] if free["decode_tok_s"] else float("nan")
     print(f"model {Path(args.model).name} ({args.load_format}, {core.config.model.dtype}), tokenizer "
           f"{Path(args.tokenizer).name}, vocab {vocab}, batch {args.batch}, max_tokens {args.max_tokens}, "
-          f"device {core.config.device}, startup {startup_s:.1f}s")
+          f"device {core.config.device}, async scheduling {core.config.scheduler.async_scheduling}, "
+          f"fill threads {args.fill_threads}, startup {startup_s:.1f}s")
     print("| run | decode tok/s | output tok/s | mean output len | finished by grammar | valid JSON | "
-          "fill / step (ms) | fill / request (us) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "fill / step (ms) | fill / request (us) | steps run ahead | late samplings |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         fill_cells = (f"{run['fill_per_step_ms']:.3f} | {run['fill_per_row_us']:.1f}" if name == "constrained"
                       else "- | -")
         print(f"| {name} | {run['decode_tok_s']:.0f} | {run['output_tok_s']:.0f} | {run['mean_output_len']:.1f} | "
-              f"{run['stopped']}/{args.batch} | {run['valid'] if name == 'constrained' else '-'} | {fill_cells} |")
+              f"{run['stopped']}/{args.batch} | {run['valid'] if name == 'constrained' else '-'} | {fill_cells} | "
+              f"{run['steps_run_ahead']}/{run['steps']} | {run['late_samplings']} |")
     print(f"\nconstrained / unconstrained decode throughput: {ratio:.1%} (goal >= 90%)")
     print("| compiler for the vocabulary (s) | compile cold (ms) | compile cached (us) |")
     print("|---|---|---|")
     print(f"| {compiler_s:.3f} | {cold_s * 1e3:.1f} | {cached_s * 1e6:.1f} |")
     return {"model": Path(args.model).name, "load_format": args.load_format, "dtype": str(core.config.model.dtype),
             "device": str(core.config.device), "vocab_size": vocab, "batch": args.batch, "max_tokens": args.max_tokens,
+            "async_scheduling": core.config.scheduler.async_scheduling, "fill_threads": args.fill_threads,
             "runs": runs, "decode_ratio": ratio, "compiler_s": compiler_s, "compile_cold_ms": cold_s * 1e3,
             "compile_cached_us": cached_s * 1e6}
 
@@ -227,6 +236,7 @@ def _timed_batch(core, prompts, params) -> dict:
     decode_s, decode_tokens = 0.0, 0
     start = time.perf_counter()
     generated = core.num_generated_tokens
+    steps, ahead, late = core.num_steps, core.num_steps_run_ahead, core.num_late_samplings
     while core.has_unfinished:
         prompt_before, tokens_before = core.num_prompt_tokens_computed, core.num_generated_tokens
         step_start = time.perf_counter()
@@ -251,7 +261,15 @@ def _timed_batch(core, prompts, params) -> dict:
             "decode_s": decode_s, "decode_tokens": decode_tokens,
             "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
             "mean_output_len": total / max(1, len(outputs)),
-            "stopped": sum(c.finish_reason == "stop" for c in outputs), "valid": valid}
+            "stopped": sum(c.finish_reason == "stop" for c in outputs), "valid": valid,
+            # async scheduling: steps finished with the next one already queued, and steps whose
+            # sampling waited for the host (grammars: all of them but the first)
+            "steps": core.num_steps - steps, "steps_run_ahead": core.num_steps_run_ahead - ahead,
+            "late_samplings": core.num_late_samplings - late}
+
+
+def _threads(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def _sync(device: str) -> None:

@@ -1,20 +1,43 @@
 """SamplingMetadata: the sampling parameters of one step's rows as device tensors.
 
 Built once per step from plain per-row data (no engine types: sampling/ sits below aio_engine/).
-Features nobody in the batch uses stay None, and the sampler skips their work.
+Per-row numbers come packed from each SamplingParams (computed once per request), are laid out
+in one host buffer (pinned on CUDA) and reach the device in one non-blocking copy. Features
+nobody in the batch uses stay None and cost nothing: an all-greedy batch without logprobs, bias
+or penalties uploads nothing at all. TokenHistories keeps the token ids that penalties need on
+the device between steps, so a step uploads only the tokens appended since the last.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter
 
 import numpy as np
 import torch
 
-from .params import SamplingParams
+from .params import (
+    ALLOWED,
+    BIAS,
+    LOGPROBS,
+    MIN_P,
+    PENALTIES,
+    RANDOM,
+    SAMPLER_COLUMNS,
+    TOP_K,
+    TOP_P,
+    SamplingParams,
+)
 
 _MASK63 = (1 << 63) - 1
+_COL = {name: i for i, name in enumerate(SAMPLER_COLUMNS)}
+TOP_P_WINDOW = 256  # candidates of a top-p row without top-k; wider nuclei take the exact search
+MAX_WINDOW_TOP_K = 1024  # a larger top-k takes the exact search instead of widening everyone's window
+_banned_ids = attrgetter("banned_ids")
+_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
+          np.dtype(np.bool_): torch.bool}
 
 
 def row_key(seed: int, step: int) -> int:
@@ -42,89 +65,246 @@ class SamplingRow:
     output_ids: Sequence[int] = ()
     prompt_ids: Sequence[int] = ()
     banned_ids: Sequence[int] = ()  # this step only: eos before min_tokens, bad-word endings, ...
+    # The prompt then the output in one list that only ever grows (the runner passes the request's
+    # own list). Given, it replaces prompt_ids / output_ids and stays on the device between steps.
+    token_ids: Sequence[int] | None = None
+    num_prompt_tokens: int = 0
+
+
+@dataclass
+class Penalties:
+    """The penalized rows and their token ids (see kernels.sampling.apply_penalties)."""
+
+    ids: torch.Tensor  # [slots, capacity] int32 token ids (TokenHistories)
+    ranges: torch.Tensor  # [5, P] int32: logits row, slot, begin, split, end
+    factors: torch.Tensor  # [3, P] float32: repetition, frequency, presence
+    width: int  # the longest end - begin
 
 
 @dataclass
 class SamplingMetadata:
     num_rows: int
-    temperature: torch.Tensor  # [rows] float32, 0 for greedy rows
-    keys: torch.Tensor  # [rows] int64 random-stream keys
     all_greedy: bool
-    top_k: torch.Tensor | None = None  # [rows] int64, vocab where off
-    top_p: torch.Tensor | None = None  # [rows] float32
-    min_p: torch.Tensor | None = None  # [rows] float32
-    candidate_rows: torch.Tensor | None = None  # rows that need top-k / top-p (sorted candidates)
-    candidate_k: int = 0  # candidates per row: the largest top-k, or the vocabulary (top-p alone)
-    presence: torch.Tensor | None = None  # [rows] float32
-    frequency: torch.Tensor | None = None
-    repetition: torch.Tensor | None = None
-    output_ids: torch.Tensor | None = None  # [rows, longest] int64, vocab where padding
-    prompt_ids: torch.Tensor | None = None
-    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, ids, values
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, ids
-    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, ids, rows-with-a-list mask
+    inv_temp: torch.Tensor | None = None  # [rows] float32 1/T, 0 for greedy rows; None when all are greedy
+    keys: torch.Tensor | None = None  # [rows] int64 random-stream keys; None when all are greedy
+    plain_rows: torch.Tensor | None = None  # rows drawn over the whole vocabulary (greedy, or no top-k / top-p)
+    num_plain: int = 0
+    candidate_rows: torch.Tensor | None = None  # random rows with top-k or top-p: drawn among candidates
+    num_candidates: int = 0
+    candidate_k: int = 0  # candidates per row: the largest top-k, or TOP_P_WINDOW for top-p alone
+    top_p_alone: bool = False  # some candidate row has top-p without top-k (its window needs the row's mass)
+    top_k: torch.Tensor | None = None  # [rows] int32, vocab where off
+    top_p: torch.Tensor | None = None  # [rows] float32, 1 where off
+    floor_offset: torch.Tensor | None = None  # [rows] float32 T*log(min_p): keep logits >= row max + this
+    penalties: Penalties | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # flat indices (row * vocab + id), values
+    banned: torch.Tensor | None = None  # flat indices
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # flat indices, rows-with-a-list mask
     num_logprobs: int = -1  # the most any row asks for; -1: nobody
     logprobs_mode: str = "raw_logprobs"
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device,
-              logprobs_mode: str = "raw_logprobs") -> SamplingMetadata:
-        n = len(rows)
-        params = [r.params for r in rows]
-
-        def tensor(values, dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        temps = [0.0 if p.greedy else p.temperature for p in params]
-        seeds = np.fromiter((r.seed for r in rows), dtype=np.uint64, count=n)
-        steps = np.fromiter((r.step for r in rows), dtype=np.uint64, count=n)
-        keys = torch.from_numpy(row_keys(seeds, steps)).to(device, non_blocking=True)
-        md = cls(num_rows=n, temperature=tensor(temps, torch.float32), keys=keys,
-                 all_greedy=all(t == 0.0 for t in temps), logprobs_mode=logprobs_mode)
-        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        if any(k < vocab_size for k, t in zip(top_ks, temps) if t > 0):
-            md.top_k = tensor(top_ks, torch.int64)
-        if any(p.top_p < 1.0 for p, t in zip(params, temps) if t > 0):
-            md.top_p = tensor([p.top_p for p in params], torch.float32)
-        if any(p.min_p > 0.0 for p, t in zip(params, temps) if t > 0):
-            md.min_p = tensor([p.min_p for p in params], torch.float32)
-        if md.top_k is not None or md.top_p is not None:
-            cand = [i for i, (p, k, t) in enumerate(zip(params, top_ks, temps)) if t > 0 and (k < vocab_size or p.top_p < 1.0)]
-            top_p_alone = any(params[i].top_p < 1.0 and top_ks[i] == vocab_size for i in cand)
-            md.candidate_rows = tensor(cand, torch.int64)
-            md.candidate_k = vocab_size if top_p_alone else max(top_ks[i] for i in cand)
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            md.presence = tensor([p.presence_penalty for p in params], torch.float32)
-            md.frequency = tensor([p.frequency_penalty for p in params], torch.float32)
-            md.repetition = tensor([p.repetition_penalty for p in params], torch.float32)
-            md.output_ids = _padded([r.output_ids for r in rows], vocab_size, device)
-            if any(p.repetition_penalty != 1.0 for p in params):
-                md.prompt_ids = _padded([r.prompt_ids if r.params.repetition_penalty != 1.0 else () for r in rows],
-                                        vocab_size, device)
-        bias = [(i, t, b) for i, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
-        if bias:
-            r_, t_, b_ = zip(*bias)
-            md.bias = (tensor(r_, torch.int64), tensor(t_, torch.int64), tensor(b_, torch.float32))
-        banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_ids]
-        if banned:
-            r_, t_ = zip(*banned)
-            md.banned = (tensor(r_, torch.int64), tensor(t_, torch.int64))
-        allowed = [(i, t) for i, p in enumerate(params) if p.allowed_token_ids for t in p.allowed_token_ids]
-        if allowed:
-            r_, t_ = zip(*allowed)
-            md.allowed = (tensor(r_, torch.int64), tensor(t_, torch.int64),
-                          tensor([bool(p.allowed_token_ids) for p in params], torch.bool))
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        if wanted:
-            md.num_logprobs = vocab_size if -1 in wanted else max(wanted)
+              logprobs_mode: str = "raw_logprobs", histories: TokenHistories | None = None) -> SamplingMetadata:
+        """`histories` (the Sampler's) keeps penalized rows' token ids on the device across steps."""
+        n, vocab = len(rows), vocab_size
+        packed = b"".join([r.params.sampler_row for r in rows])
+        table = np.frombuffer(packed, dtype=np.float32).reshape(n, len(SAMPLER_COLUMNS) + 1)
+        flags = np.frombuffer(packed, dtype=np.int32).reshape(table.shape)[:, -1]
+        used = int(np.bitwise_or.reduce(flags)) if n else 0  # the features anyone in the batch uses
+        col = {name: table[:, i] for name, i in _COL.items()}
+        md = cls(num_rows=n, all_greedy=not used & RANDOM, logprobs_mode=logprobs_mode)
+        up: dict[str, np.ndarray] = {}  # name -> host array, all sent in one copy
+        if used & RANDOM:
+            up["inv_temp"] = col["inv_temp"]
+            up["keys"] = row_keys(np.fromiter([r.seed for r in rows], dtype=np.uint64, count=n),
+                                  np.fromiter([r.step for r in rows], dtype=np.uint64, count=n))
+            _stage_filters(md, up, col, flags, used, vocab)
+        if used & PENALTIES:
+            penalized = np.flatnonzero(flags & PENALTIES)
+            histories = histories if histories is not None else TokenHistories()
+            width = histories.stage(up, rows, penalized, col, torch.device(device))
+        _stage_token_lists(up, rows, flags, used, vocab)
+        if used & LOGPROBS:
+            wanted = col["logprobs"]
+            md.num_logprobs = vocab if (wanted == -1).any() else int(wanted.max())
+        t = _send(up, torch.device(device))
+        for name in ("inv_temp", "keys", "plain_rows", "candidate_rows", "top_k", "top_p", "floor_offset", "banned"):
+            setattr(md, name, t.get(name))
+        if "bias_ids" in t:
+            md.bias = (t["bias_ids"], t["bias_values"])
+        if "allowed_ids" in t:
+            md.allowed = (t["allowed_ids"], t["allowed_rows"])
+        if used & PENALTIES:
+            md.penalties = histories.commit(t, width)
         return md
 
 
-def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max((len(s) for s in seqs), default=1))
-    out = np.full((len(seqs), width), pad, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return torch.from_numpy(out).to(device, non_blocking=True)
+def _stage_filters(md: SamplingMetadata, up: dict, col: dict, flags: np.ndarray, used: int, vocab: int) -> None:
+    if used & (TOP_K | TOP_P):
+        top_k = col["top_k"]
+        k_on = ((flags & TOP_K) > 0) & (top_k < vocab)
+        p_on = (flags & TOP_P) > 0
+        candidate = k_on | p_on
+        md.num_candidates = int(candidate.sum())
+    md.num_plain = md.num_rows - md.num_candidates
+    if md.num_candidates:
+        up["candidate_rows"] = np.flatnonzero(candidate)
+        up["top_k"] = np.where(k_on, top_k, vocab).astype(np.int32)
+        window_k = top_k[k_on & (top_k <= MAX_WINDOW_TOP_K)]
+        md.top_p_alone = bool((p_on & ~k_on).any())
+        md.candidate_k = max(int(window_k.max()) if len(window_k) else 1, TOP_P_WINDOW if md.top_p_alone else 1)
+        md.candidate_k = min(md.candidate_k, vocab)
+        if p_on.any():
+            up["top_p"] = np.where(p_on, col["top_p"], 1.0).astype(np.float32)
+        if md.num_plain:
+            up["plain_rows"] = np.flatnonzero(~candidate)
+    if used & MIN_P:
+        up["floor_offset"] = col["floor_offset"]  # -inf where off (greedy rows too)
 
+
+def _stage_token_lists(up: dict, rows, flags: np.ndarray, used: int, vocab: int) -> None:
+    """logit_bias, banned and allowed ids as flat indices (row * vocab + id) into the logits."""
+    def flat(row_of, ids) -> np.ndarray:
+        ids = [np.asarray(i, dtype=np.int64) for i in ids]
+        return np.repeat(np.asarray(row_of, dtype=np.int64) * vocab, [len(i) for i in ids]) + np.concatenate(ids)
+
+    if used & BIAS:
+        biased = np.flatnonzero(flags & BIAS)
+        ids, values = zip(*[rows[i].params.bias_arrays for i in biased])
+        up["bias_ids"], up["bias_values"] = flat(biased, ids), np.concatenate(values)
+    banned = list(compress(range(len(rows)), map(_banned_ids, rows)))
+    if banned:
+        up["banned"] = flat(banned, [rows[i].banned_ids for i in banned])
+    if used & ALLOWED:
+        listed = np.flatnonzero(flags & ALLOWED)
+        up["allowed_ids"] = flat(listed, [rows[i].params.allowed_array for i in listed])
+        up["allowed_rows"] = (flags & ALLOWED) > 0
+
+
+def _send(up: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """One step's host arrays to the device in one copy: packed by dtype into one host buffer
+    (pinned on CUDA, from torch's caching host allocator, which keeps a block until the copies
+    reading it are done, so the host may run steps ahead) and split into views on the device."""
+    if not up:
+        return {}
+    groups: dict[np.dtype, list[str]] = {}
+    for name, a in up.items():
+        groups.setdefault(a.dtype, []).append(name)
+    parts, size = [], 0
+    for names in groups.values():
+        flat = np.ascontiguousarray(np.concatenate([up[name].reshape(-1) for name in names]))
+        parts.append((size, flat, names))
+        size += -(-flat.nbytes // 8) * 8  # 8-byte aligned, so that every dtype can view its part
+    cuda = device.type == "cuda"
+    host = torch.empty(max(size, 8), dtype=torch.uint8, pin_memory=cuda)
+    buf = host.numpy()
+    for offset, flat, _ in parts:
+        buf[offset:offset + flat.nbytes] = flat.view(np.uint8)
+    dev = host.to(device, non_blocking=True) if cuda else host
+    out = {}
+    for offset, flat, names in parts:
+        views = dev[offset:offset + flat.nbytes].view(_TORCH[flat.dtype]).split([up[name].size for name in names])
+        for name, view in zip(names, views):
+            out[name] = view if up[name].ndim == 1 else view.view(up[name].shape)
+    return out
+
+
+class TokenHistories:
+    """Token ids of the penalized rows on the device, kept from one build to the next.
+
+    A row that gives its request's token list (SamplingRow.token_ids, appended to in place) keeps
+    a slot while it is sampled: each build uploads only what was appended since the last. The
+    slot is found by the list's identity (the list is held, so its id stays unique) and freed by
+    the first build that does not use it. Rows with separate prompt / output lists are uploaded
+    whole, into a slot of their own for one build."""
+
+    def __init__(self) -> None:
+        self.slot_of: dict[int, int] = {}  # id(token list) -> slot
+        self.owner: list = []  # slot -> its token list, or None
+        self.size = np.zeros(0, dtype=np.int64)  # slot -> tokens on the device
+        self.prompt = np.zeros(0, dtype=np.int64)  # slot -> prompt tokens among them
+        self.stamp = np.zeros(0, dtype=np.int64)  # slot -> the last build that used it (0: free)
+        self.free: list[int] = []
+        self.builds = 0
+        self.ids: torch.Tensor | None = None  # [slots, capacity] int32
+
+    def _take(self, tokens) -> int:
+        if not self.free:
+            grown = max(8, 2 * len(self.owner))
+            self.free = list(range(grown - 1, len(self.owner) - 1, -1))
+            self.owner += [None] * (grown - len(self.owner))
+            self.size = np.resize(self.size, grown)
+            self.prompt = np.resize(self.prompt, grown)
+            self.stamp = np.concatenate([self.stamp, np.zeros(grown - len(self.stamp), dtype=np.int64)])
+        slot = self.free.pop()
+        self.owner[slot], self.size[slot], self.stamp[slot] = tokens, 0, self.builds
+        if tokens is not None:
+            self.slot_of[id(tokens)] = slot
+        return slot
+
+    def stage(self, up: dict, rows, penalized: np.ndarray, col: dict, device: torch.device) -> int:
+        """Stage the penalized rows' new tokens and ranges into `up`; returns the widest range."""
+        if self.ids is not None and (self.ids.device.type != device.type
+                                     or device.index not in (None, self.ids.device.index)):
+            self.__init__()  # another device: start over
+        self.builds += 1
+        picked = rows if len(penalized) == len(rows) else [rows[i] for i in penalized.tolist()]
+        lists = [r.token_ids for r in picked]
+        num = len(picked)
+        # C-level passes over the rows where possible: this runs for every penalized row every step.
+        slots = np.fromiter(map(self.slot_of.get, map(id, lists), repeat(-1)), dtype=np.int64, count=num)
+        for j in np.flatnonzero(slots < 0).tolist():  # lists new to this build, and separate lists
+            t, r = lists[j], picked[j]
+            if t is None:
+                lists[j] = [*r.prompt_ids, *r.output_ids]
+                slots[j], num_prompt = self._take(None), len(r.prompt_ids)
+            else:
+                slots[j] = self.slot_of[id(t)] if id(t) in self.slot_of else self._take(t)
+                num_prompt = r.num_prompt_tokens
+            self.prompt[slots[j]] = num_prompt
+        ends = np.fromiter(map(len, lists), dtype=np.int64, count=num)
+        old = self.size[slots]
+        old[ends < old] = 0  # not the list it was: upload it again
+        self.size[slots] = ends
+        self.stamp[slots] = self.builds
+        for slot in np.flatnonzero((self.stamp > 0) & (self.stamp < self.builds)).tolist():  # unused: free
+            if self.owner[slot] is not None:
+                del self.slot_of[id(self.owner[slot])]
+            self.owner[slot], self.stamp[slot] = None, 0
+            self.free.append(slot)
+        self._reserve(len(self.owner), int(ends.max()), device)
+        grew = np.flatnonzero(ends > old)
+        if len(grew):
+            start, lengths = old[grew], ends[grew] - old[grew]
+            total = int(lengths.sum())
+            first = slots[grew] * self.ids.shape[1] + start
+            up["history_at"] = np.repeat(first - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+            if total == len(grew) == num:  # the usual step: one new token per row
+                new = map(itemgetter(-1), lists)
+            else:
+                new = [t for j, a in zip(grew.tolist(), start.tolist()) for t in lists[j][a:]]
+            up["history_ids"] = np.fromiter(new, dtype=np.int32, count=total)
+        factors = np.stack([col["repetition"], col["frequency"], col["presence"]])[:, penalized]
+        num_prompt = self.prompt[slots]
+        begin = np.where(factors[0] != 1, 0, num_prompt)
+        up["penalty_ranges"] = np.stack([penalized, slots, begin, num_prompt, ends]).astype(np.int32)
+        up["penalty_factors"] = factors
+        return int((ends - begin).max())
+
+    def _reserve(self, num_slots: int, longest: int, device: torch.device) -> None:
+        ids = self.ids
+        if ids is not None and ids.shape[0] >= num_slots and ids.shape[1] >= longest:
+            return
+        shape = (max(num_slots, 2 * ids.shape[0] if ids is not None else 8),
+                 max(longest, 2 * ids.shape[1] if ids is not None else 256))
+        self.ids = torch.zeros(shape, dtype=torch.int32, device=device)
+        if ids is not None:
+            self.ids[:ids.shape[0], :ids.shape[1]] = ids
+
+    def commit(self, t: dict[str, torch.Tensor], width: int) -> Penalties:
+        """After the upload: write the new tokens, and describe the ranges."""
+        if "history_at" in t:
+            self.ids.view(-1).index_copy_(0, t["history_at"], t["history_ids"])
+        return Penalties(self.ids, t["penalty_ranges"], t["penalty_factors"], width)

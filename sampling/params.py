@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 _GREEDY_EPS = 1e-5
+# What the batched sampler reads per row, packed once per SamplingParams (sampling/metadata.py):
+# float32 columns, then an int32 word of the features the row uses.
+SAMPLER_COLUMNS = ("inv_temp", "top_k", "top_p", "floor_offset", "presence", "frequency", "repetition", "logprobs")
+RANDOM, TOP_K, TOP_P, MIN_P, PENALTIES, REPETITION, BIAS, ALLOWED, LOGPROBS = (1 << i for i in range(9))
 
 
 class RequestOutputKind(enum.Enum):
@@ -101,6 +109,32 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @functools.cached_property
+    def sampler_row(self) -> bytes:
+        """SAMPLER_COLUMNS as float32 bytes: 1/T (0 greedy), top_k, top_p, T*log(min_p) (-inf: off;
+        a random row keeps logits >= its max + this), the penalties, logprobs (-2: none); then the
+        feature flags as an int32. Computed on first use: params do not change once a request is in."""
+        random = not self.greedy
+        floor_offset = self.temperature * math.log(self.min_p) if self.min_p > 0 and random else -math.inf
+        row = (1.0 / self.temperature if random else 0.0, self.top_k, self.top_p, floor_offset, self.presence_penalty,
+               self.frequency_penalty, self.repetition_penalty, -2 if self.logprobs is None else self.logprobs)
+        flags = ((RANDOM if random else 0) | (TOP_K if random and self.top_k > 0 else 0)
+                 | (TOP_P if random and self.top_p < 1 else 0) | (MIN_P if random and self.min_p > 0 else 0)
+                 | (PENALTIES if self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 else 0)
+                 | (REPETITION if self.repetition_penalty != 1 else 0) | (BIAS if self.logit_bias else 0)
+                 | (ALLOWED if self.allowed_token_ids else 0) | (LOGPROBS if self.logprobs is not None else 0))
+        return np.array(row, dtype=np.float32).tobytes() + np.int32(flags).tobytes()
+
+    @functools.cached_property
+    def bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """logit_bias as (int64 token ids, float32 biases)."""
+        bias = self.logit_bias or {}
+        return np.fromiter(bias, np.int64, len(bias)), np.fromiter(bias.values(), np.float32, len(bias))
+
+    @functools.cached_property
+    def allowed_array(self) -> np.ndarray:
+        return np.asarray(self.allowed_token_ids or [], dtype=np.int64)
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

@@ -4,7 +4,10 @@ Order, as vLLM applies it: allowed-token lists, banned tokens (min_tokens, bad w
 logit_bias; then repetition / frequency / presence penalties; greedy rows take the argmax of
 that. Random rows divide by their temperature, keep what min-p, top-k and top-p allow, and draw
 by Gumbel-max with counter-based noise keyed by (seed, step, token id), so a seeded request's
-tokens do not depend on the batch. No host sync here: the caller copies the ids out.
+tokens do not depend on the batch. Rows without top-k / top-p (greedy ones too) are drawn in one
+pass over the logits; top-k / top-p rows draw among their exact top-N candidates, and the rows
+those cannot settle take an exact search (kernels/sampling_topk.py). No host sync here: the
+caller copies the ids out.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.sampling import gumbel_argmax, gumbel_noise_reference
+from kernels.sampling import apply_penalties as _apply_penalties
+from kernels.sampling import gumbel_argmax
+from kernels.sampling_topk import draw_candidates, draw_unsettled, top_candidates
 
-from .metadata import SamplingMetadata
+from .metadata import SamplingMetadata, TokenHistories
 
 NEG_INF = float("-inf")
 
@@ -31,6 +36,11 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self) -> None:
+        # Penalized rows' token ids stay on the device between steps; pass this to
+        # SamplingMetadata.build so that each step uploads only the new tokens.
+        self.histories = TokenHistories()
+
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata,
                  constrain: Callable[[torch.Tensor], None] | None = None) -> SamplerOutput:
         """float32 logits [rows, vocab] (modified in place) -> SamplerOutput. `constrain` masks
@@ -42,32 +52,48 @@ class Sampler:
             constrain(logits)
         apply_logits_processors(logits, md)
         apply_penalties(logits, md)
-        greedy = logits.argmax(dim=-1)
+        processed_mode = md.num_logprobs >= 0 and raw is None
         processed = None
         if md.all_greedy:
-            tokens = greedy
-            if md.num_logprobs >= 0 and raw is None:
+            tokens = gumbel_argmax(logits, None, None, None)
+            if processed_mode:
                 processed = _as_mode(logits, md.logprobs_mode)
         else:
-            temperature = md.temperature
-            inv_temp = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-6), 1.0)
-            floor = torch.full_like(inv_temp, NEG_INF)
-            if md.min_p is not None:
-                # z = logit / T stays if z >= max z + log(min_p), i.e. logit >= max + T log(min_p)
-                log_min_p = torch.log(md.min_p.clamp(min=1e-30))
-                floor = torch.where(md.min_p > 0, logits.max(dim=-1).values + log_min_p / inv_temp, floor)
-            tokens = gumbel_argmax(logits, md.keys, inv_temp, floor)
-            if md.candidate_rows is not None:
-                rows = md.candidate_rows
-                picked = _sample_candidates(logits[rows] * inv_temp[rows, None], md, rows, floor[rows] * inv_temp[rows])
-                tokens.index_copy_(0, rows, picked)
-            tokens = torch.where(temperature > 0, tokens, greedy)
-            if md.num_logprobs >= 0 and raw is None:
-                processed = _as_mode(_processed_logits(logits, md, inv_temp, floor), md.logprobs_mode)
+            tokens, cut, cut_id = _draw(logits, md, with_cut_id=processed_mode)
+            if processed_mode:
+                processed = _as_mode(_processed_logits(logits, md, cut, cut_id), md.logprobs_mode)
         out = SamplerOutput(tokens)
         if md.num_logprobs >= 0:
             _gather_logprobs(out, raw if raw is not None else processed, md.num_logprobs)
         return out
+
+
+def _draw(logits: torch.Tensor, md: SamplingMetadata, with_cut_id: bool):
+    """Tokens for a batch with random rows, and each row's kept set as a cut (see draw_candidates)."""
+    n, vocab = logits.shape
+    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
+    floor = None
+    if md.floor_offset is not None:  # min-p: logits below max + T*log(min_p) are out
+        floor = logits.amax(dim=-1) + md.floor_offset
+    if md.num_plain:
+        rows = md.plain_rows if md.num_candidates else None
+        gumbel_argmax(logits, md.keys, md.inv_temp, floor, rows, tokens)
+    # Each row's kept set as a cut (for processed logprobs): plain rows keep what the floor keeps;
+    # candidate rows get theirs from the draw.
+    cut = cut_id = None
+    if with_cut_id:
+        cut = floor.clone() if floor is not None else torch.full((n,), NEG_INF, device=logits.device)
+        cut_id = torch.full((n,), vocab, dtype=torch.int64, device=logits.device)
+    if md.num_candidates:
+        rows = md.candidate_rows if md.num_plain else None
+        if cut is None:
+            cut = torch.empty(n, device=logits.device)
+        cand, exact, mass = top_candidates(logits, md.candidate_k, rows, md.inv_temp, floor, md.top_p_alone)
+        ok = draw_candidates(cand, exact, rows, md.keys, md.inv_temp, floor, md.top_k, md.top_p, mass, vocab, tokens,
+                             cut, cut_id)
+        # The rows the window could not settle: an exact search for their edge, a whole-row draw.
+        draw_unsettled(logits, rows, ok, md.keys, md.inv_temp, floor, md.top_k, md.top_p, tokens, cut)
+    return tokens, cut, cut_id
 
 
 def _as_mode(logits: torch.Tensor, mode: str) -> torch.Tensor:
@@ -76,76 +102,35 @@ def _as_mode(logits: torch.Tensor, mode: str) -> torch.Tensor:
 
 def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
     # Flat indices and index_* ops: `t[rows, ids] = scalar` would copy the scalar from the host.
-    vocab = logits.shape[1]
     flat = logits.view(-1)
     if md.allowed is not None:
-        rows, ids, has_list = md.allowed
+        ids, has_list = md.allowed
         keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep.view(-1).index_fill_(0, rows * vocab + ids, True)
+        keep.view(-1).index_fill_(0, ids, True)
         keep |= ~has_list[:, None]
         logits.masked_fill_(~keep, NEG_INF)
     if md.bias is not None:
-        rows, ids, values = md.bias
-        flat.index_add_(0, rows * vocab + ids, values)
+        ids, values = md.bias
+        flat.index_add_(0, ids, values)
     if md.banned is not None:
-        rows, ids = md.banned
-        flat.index_fill_(0, rows * vocab + ids, NEG_INF)
+        flat.index_fill_(0, md.banned, NEG_INF)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
     """Repetition (prompt and output tokens, HF's formula), then OpenAI frequency and presence."""
-    if md.output_ids is None:
-        return
-    rows, vocab = logits.shape
-    counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, md.output_ids, torch.ones_like(md.output_ids, dtype=logits.dtype))
-    counts = counts[:, :vocab]  # the last column caught the padding
-    seen = counts > 0
-    if md.prompt_ids is not None:
-        in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device)
-        in_prompt.scatter_(1, md.prompt_ids, True)
-        rep_seen = seen | in_prompt[:, :vocab]
-        rep = md.repetition[:, None]
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits.copy_(torch.where(rep_seen, penalized, logits))
-    logits -= md.frequency[:, None] * counts + md.presence[:, None] * seen
+    p = md.penalties
+    if p is not None:
+        _apply_penalties(logits, p.ids, p.ranges, p.factors, p.width)
 
 
-def _keep_candidates(vals: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """Sorted (descending) scaled logits of candidate rows -> the same with dropped ones at -inf."""
-    k = vals.shape[1]
-    if md.top_k is not None:
-        position = torch.arange(k, device=vals.device)[None, :]
-        vals = vals.masked_fill(position >= md.top_k[rows, None], NEG_INF)
-    vals = vals.masked_fill(vals < floor[:, None], NEG_INF)
-    if md.top_p is not None:
-        probs = vals.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        vals = vals.masked_fill(before >= md.top_p[rows, None], NEG_INF)  # the first always stays
-    return vals
-
-
-def _sample_candidates(scaled: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """Top-k / top-p rows: draw among the sorted candidates, noise keyed by token id."""
-    if md.candidate_k >= scaled.shape[1]:
-        vals, ids = scaled.sort(dim=-1, descending=True)
-    else:
-        vals, ids = scaled.topk(md.candidate_k, dim=-1)
-    vals = _keep_candidates(vals, md, rows, floor)
-    choice = (vals + gumbel_noise_reference(md.keys[rows], ids)).argmax(dim=-1, keepdim=True)
-    return ids.gather(1, choice).squeeze(1)
-
-
-def _processed_logits(logits: torch.Tensor, md: SamplingMetadata, inv_temp: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """The distribution random rows actually draw from (greedy rows: penalized logits)."""
-    scaled = logits * inv_temp[:, None]
-    scaled = scaled.masked_fill(logits < floor[:, None], NEG_INF)
-    if md.candidate_rows is not None:
-        rows = md.candidate_rows
-        vals, ids = scaled[rows].sort(dim=-1, descending=True)
-        kept = _keep_candidates(vals, md, rows, floor[rows] * inv_temp[rows])
-        scaled.index_copy_(0, rows, torch.full_like(vals, NEG_INF).scatter(1, ids, kept))
-    return torch.where(md.temperature[:, None] > 0, scaled, logits)
+def _processed_logits(logits: torch.Tensor, md: SamplingMetadata, cut: torch.Tensor,
+                      cut_id: torch.Tensor) -> torch.Tensor:
+    """The distribution random rows actually draw from (greedy rows: penalized logits): a row keeps
+    logits above its cut, and those equal to it at ids up to cut_id."""
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    keep = (logits > cut[:, None]) | ((logits == cut[:, None]) & (cols <= cut_id[:, None]))
+    scaled = (logits * md.inv_temp[:, None]).masked_fill_(~keep, NEG_INF)
+    return torch.where(md.inv_temp[:, None] > 0, scaled, logits)
 
 
 def _gather_logprobs(out: SamplerOutput, values: torch.Tensor, n: int) -> None:
@@ -154,5 +139,3 @@ def _gather_logprobs(out: SamplerOutput, values: torch.Tensor, n: int) -> None:
     out.logprob_ids = torch.cat([out.token_ids[:, None], top_ids], dim=1)
     out.logprob_values = torch.cat([sampled, top_values], dim=1)
     out.sampled_rank = (values > sampled).sum(dim=-1) + 1
-
-

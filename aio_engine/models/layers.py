@@ -2,6 +2,11 @@
 
 Fused projections (qkv, gate_up) own a `weight_loader` that copies each checkpoint shard into its
 slice, so the loader stacks `q_proj`/`k_proj`/`v_proj` and `gate_proj`/`up_proj` at load time.
+
+Norms, rotary and SiLU-and-mul run our kernels (kernels/, dispatched by device) when eager. Inside
+torch.compile (`torch.compiler.is_compiling()`) a module with `compiler_fusion` set runs them as
+plain torch ops, which inductor fuses with their neighbours; without it, as opaque custom ops that
+call the same kernels (custom_ops.py). `set_compiler_fusion` flips it for a whole model.
 """
 
 from __future__ import annotations
@@ -10,11 +15,44 @@ import torch
 from torch import nn
 
 from kernels import rotary
-from kernels.activation import silu_and_mul
-from kernels.layernorm import fused_add_rms_norm, rms_norm
+from kernels.activation import silu_and_mul, silu_and_mul_reference
+from kernels.layernorm import (
+    fused_add_rms_norm,
+    fused_add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
+
+from . import custom_ops  # noqa: F401  (registers torch.ops.aio_engine.*)
+
+
+def _op_kind(fusion: bool) -> str:
+    """eager: our kernels; inside torch.compile: torch ops (inductor fuses them) or opaque custom ops."""
+    if not torch.compiler.is_compiling():
+        return "eager"
+    return "torch" if fusion else "custom_op"
+
+
+def set_compiler_fusion(model: nn.Module, on: bool) -> None:
+    """Inside torch.compile, run norms, rotary and SiLU-and-mul as torch ops (on) or as our kernels (off)."""
+    for module in model.modules():
+        if hasattr(module, "compiler_fusion"):
+            module.compiler_fusion = on
+
+
+def apply_rotary(positions, q, k, cache, fusion: bool):
+    """Rotary on q [T, Hq, D] and k [T, Hk, D] (in place when eager on CUDA); returns (q, k)."""
+    kind = _op_kind(fusion)
+    if kind == "torch":
+        return rotary.apply_rotary_reference(positions, q, k, cache)
+    if kind == "custom_op":
+        return torch.ops.aio_engine.rotary(positions, q, k, cache)
+    return rotary.apply_rotary(positions, q, k, cache)
 
 
 class RMSNorm(nn.Module):
+    compiler_fusion = True
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size))
@@ -22,8 +60,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Plain norm, or (norm(x + residual), x + residual) when a residual is passed."""
+        kind = _op_kind(self.compiler_fusion)
         if residual is None:
+            if kind == "torch":
+                return rms_norm_reference(x, self.weight, self.eps)
+            if kind == "custom_op":
+                return torch.ops.aio_engine.rms_norm(x, self.weight, self.eps)
             return rms_norm(x, self.weight, self.eps)
+        if kind == "torch":
+            return fused_add_rms_norm_reference(x, residual, self.weight, self.eps)
+        if kind == "custom_op":
+            return torch.ops.aio_engine.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -53,13 +100,21 @@ class FusedLinear(nn.Module):
 
 
 class GatedMLP(nn.Module):
+    compiler_fusion = True
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]
+        kind = _op_kind(self.compiler_fusion)
+        if kind == "torch":
+            return self.down_proj(silu_and_mul_reference(gate_up))
+        if kind == "custom_op":
+            return self.down_proj(torch.ops.aio_engine.silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 def rope_cache(config, head_dim: int, max_positions: int) -> torch.Tensor:

@@ -3,20 +3,27 @@
 They differ only in switches read from the config: qkv bias (Qwen2, Llama's attention_bias),
 per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2), rope scaling, tied embeddings.
 The forward takes the flat batch (all new tokens of all requests) and one AttentionMetadata.
+
+The forward is written as pieces cut at attention (`first_piece`, `middle_piece`, `last_piece`:
+plain functions of modules and tensors, alike for every layer) with `Attention.attend` between
+them: the eager forward chains them, and aio_engine/compilation.py compiles and graphs the pieces.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
-from kernels.rotary import apply_rotary
 
-from .layers import FusedLinear, GatedMLP, RMSNorm, rope_cache
+from .layers import FusedLinear, GatedMLP, RMSNorm, apply_rotary, rope_cache
 
 
 class Attention(nn.Module):
+    compiler_fusion = True
+
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -31,7 +38,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.sliding_window = sliding_window_of(config, layer_idx)
 
-    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata, rope: torch.Tensor):
+    def project(self, positions, hidden, rope: torch.Tensor):
+        """hidden -> (q, k, v) with q/k norm and rotary applied."""
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
@@ -39,10 +47,13 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(positions, q, k, rope)
+        q, k = apply_rotary(positions, q, k, rope, self.compiler_fusion)
+        return q, k, v
+
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Store k and v in the cache, attend: [num_tokens, num_heads, head_dim] (into `out` if given)."""
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        out = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.view(-1, self.q_size))
+        return paged_attention(q, kv_cache, meta, self.scale, self.sliding_window, out)
 
 
 def sliding_window_of(config, layer_idx: int) -> int | None:
@@ -68,15 +79,39 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta, rope):
+    def before_attention(self, positions, hidden, residual, rope):
+        """(q, k, v, residual): the input norm (adding the residual, if any) and the projections."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, rope)
+        q, k, v = self.self_attn.project(positions, hidden, rope)
+        return q, k, v, residual
+
+    def after_attention(self, attn_out, residual):
+        """(hidden, residual): o_proj, the residual add and norm, the MLP."""
+        hidden = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def first_piece(embed: nn.Embedding, layer: DecoderLayer, input_ids, positions, rope):
+    """Embedding and the first layer up to attention: (q, k, v, residual)."""
+    hidden = embed(input_ids)  # [num_tokens, hidden_size]
+    return layer.before_attention(positions, hidden, None, rope)
+
+
+def middle_piece(prev: DecoderLayer, layer: DecoderLayer, attn_out, residual, positions, rope):
+    """Layer i-1 after its attention, layer i up to its attention: (q, k, v, residual)."""
+    hidden, residual = prev.after_attention(attn_out, residual)
+    return layer.before_attention(positions, hidden, residual, rope)
+
+
+def last_piece(prev: DecoderLayer, norm: RMSNorm, attn_out, residual):
+    """The last layer after its attention and the final norm: hidden [num_tokens, hidden_size]."""
+    hidden, residual = prev.after_attention(attn_out, residual)
+    return norm(hidden, residual)[0]
 
 
 class DecoderModel(nn.Module):
@@ -89,12 +124,13 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta, rope):
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, rope)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        layers = self.layers
+        q, k, v, residual = first_piece(self.embed_tokens, layers[0], input_ids, positions, rope)
+        for i, kv_cache in enumerate(kv_caches):
+            attn_out = layers[i].self_attn.attend(q, k, v, kv_cache, meta)
+            if i + 1 < len(layers):
+                q, k, v, residual = middle_piece(layers[i], layers[i + 1], attn_out, residual, positions, rope)
+        return last_piece(layers[-1], self.norm, attn_out, residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -128,6 +164,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, self.rope)
+
+    def pieces(self) -> list[tuple[Callable, tuple[nn.Module, ...]]]:
+        """The forward cut at attention, for compilation: (function, its modules) per piece; attention
+        layer i runs between piece i and piece i + 1. The first piece takes (input_ids, positions,
+        rope), the middle ones (attn_out, residual, positions, rope), the last (attn_out, residual);
+        all but the last return (q, k, v, residual), the last the final hidden states."""
+        layers, model = self.model.layers, self.model
+        return ([(first_piece, (model.embed_tokens, layers[0]))]
+                + [(middle_piece, (layers[i - 1], layers[i])) for i in range(1, len(layers))]
+                + [(last_piece, (layers[-1], model.norm))])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> float32 [num_rows, vocab_size]."""

@@ -116,10 +116,20 @@ def test_bad_compilation_settings_are_refused_by_name(argv, message):
     assert message in str(info.value)
 
 
-def test_no_cuda_graphs_off_cuda():
+def test_no_cuda_graphs_off_cuda_and_no_compile_unless_asked():
     assert resolve("-O3", device=CPU).cudagraph_mode == "NONE"
     cc = resolve("-O3", "-cc.cudagraph_mode=FULL", device=CPU)
-    assert (cc.cudagraph_mode, cc.cudagraph_capture_sizes, cc.mode) == ("NONE", [], "compile")
+    assert (cc.cudagraph_mode, cc.cudagraph_capture_sizes, cc.mode) == ("NONE", [], "none")
+    assert resolve("-O1", "-cc.mode=compile", device=CPU).mode == "compile"
+    assert resolve("-O2", device=CUDA).mode == "compile"
+
+
+def test_compile_cache_dir_defaults_under_the_home_cache_and_can_be_set():
+    assert resolve().cache_dir == "~/.cache/aio-engine"
+    cc = resolve("-cc.cache_dir=/tmp/aio-cache")
+    assert cc.cache_dir == "/tmp/aio-cache" and cc.user_set == ("cache_dir",)
+    with pytest.raises(ValueError, match="cache_dir must be a folder path"):
+        resolve('-cc={"cache_dir": 3}')
 
 
 def test_resolved_compilation_config_is_logged_once_at_build(tiny_models, caplog):

@@ -117,7 +117,8 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path):
     (folder / "config.json").write_text((MODELS / "qwen3-0.6b" / "config.json").read_text())
     common = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048,
                   gpu_memory_utilization=0.3, max_num_seqs=64)
-    graphs = LLM(str(folder), **common)
+    # FULL decode graphs of the eager model (no compile): the very kernels of the eager run.
+    graphs = LLM(str(folder), compilation_config={"mode": "none", "cudagraph_mode": "FULL_DECODE_ONLY"}, **common)
     assert graphs.core.runner.graphs, "decode graphs were captured"
     gen = torch.Generator().manual_seed(4)
     prompts = [{"prompt_token_ids": torch.randint(0, 151936, (n,), generator=gen).tolist()} for n in (5, 50, 300, 17, 9)]
@@ -133,3 +134,70 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tmp_path):
     assert replays > 0
     # bf16 kernels in and out of a graph are the same kernels: the tokens agree exactly
     assert with_graphs == without
+
+
+# -O levels against -O0 on Qwen3-0.6B's shape with dummy bf16 weights. Chunked prefill at 1024
+# tokens and these lengths give steps of every kind: a full budget of prefill (compiled pieces, no
+# graph: above the largest capture size), a mixed prefill/decode step (piecewise graphs) and
+# decode steps (FULL graphs at -O2 and -O3, piecewise at -O1).
+LEVEL_ARGS = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048,
+                  gpu_memory_utilization=0.3, max_num_seqs=64, max_num_batched_tokens=1024,
+                  cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32, 64, 128, 256])
+LEVEL_LENGTHS = (5, 50, 300, 17, 9, 700)
+
+
+def _free(llm: LLM) -> None:
+    del llm.core
+    torch._dynamo.reset()  # compiled code of an engine that is gone
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3-0.6b")
+    (folder / "config.json").write_text((MODELS / "qwen3-0.6b" / "config.json").read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def level_prompts():
+    gen = torch.Generator().manual_seed(8)
+    return [{"prompt_token_ids": torch.randint(0, 151936, (n,), generator=gen).tolist()} for n in LEVEL_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def eager_run(qwen3_folder, level_prompts):
+    """-O0's greedy tokens and, per position, its top-2 logprobs."""
+    llm = LLM(str(qwen3_folder), optimization_level=0, **LEVEL_ARGS)
+    assert llm.core.runner.pieces is None and not llm.core.runner.graphs
+    outs = llm.generate(level_prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2),
+                        use_tqdm=False)
+    _free(llm)
+    tops = [[sorted(d.items(), key=lambda kv: -kv[1].logprob)[:2] for d in o.outputs[0].logprobs] for o in outs]
+    return [o.outputs[0].token_ids for o in outs], tops
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_each_level_gives_the_eager_greedy_tokens_until_a_near_tie(level, qwen3_folder, level_prompts, eager_run):
+    llm = LLM(str(qwen3_folder), optimization_level=level, **LEVEL_ARGS)
+    runner = llm.core.runner
+    assert runner.pieces is not None and runner.pieces.graphs, "compiled pieces with piecewise graphs"
+    assert bool(runner.graphs) is (level >= 2), "FULL decode graphs from -O2 on"
+    outs = llm.generate(level_prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    piecewise, full = runner.pieces.graph_replays, runner.graph_replays
+    _free(llm)
+    assert piecewise > 0 and (full > 0) is (level >= 2)
+    eager_tokens, tops = eager_run
+    compared = 0
+    for out, expected, top in zip(outs, eager_tokens, tops):
+        tokens = out.outputs[0].token_ids
+        for i, (got, want) in enumerate(zip(tokens, expected)):
+            if got != want:
+                # Only a near-tie of -O0 may go either way (bf16 rounding differs once inductor fuses).
+                (first, lp1), (second, lp2) = top[i]
+                assert got in (first, second) and lp1.logprob - lp2.logprob < 0.5, \
+                    f"-O{level} token {i}: {got}, -O0 {want} (top-2 {top[i]})"
+                break
+            compared += 1
+    assert compared >= len(level_prompts) * 8, f"too few tokens agreed before a near-tie: {compared}"

@@ -1,7 +1,7 @@
 """Sampling on CUDA: the CPU suite's exact, statistical and reproducibility tests collected again
-with a CUDA `device` (so the Gumbel draws go through the Triton kernel), the kernel against its
-reference at Qwen's vocabulary, CUDA draws equal to CPU draws, no host sync in the sampler, and
-seeded requests through the engine."""
+with a CUDA `device` (so every draw goes through the Triton kernels), the kernels against their
+references at batch 256 and Qwen's vocabulary, CUDA draws equal to CPU draws, no host sync in the
+sampler (nor in building its metadata), and seeded requests through the engine."""
 
 from __future__ import annotations
 
@@ -10,16 +10,31 @@ import torch
 
 from aio_engine import LLM, SamplingParams
 from kernels.sampling import gumbel_argmax_triton
+from kernels.sampling_topk import draw_unsettled_reference, draw_unsettled_triton
 from sampling.metadata import SamplingMetadata
 from sampling.sampler import Sampler
 
-# The CPU suite's tests imported here are collected again, on CUDA (the `device` fixture below).
+# The CPU suite's tests imported here are collected again, on CUDA (the `device` fixture below;
+# the kernel tests pick CUDA for their Triton side themselves).
 from tests.kernels.test_sampling_kernel import (  # noqa: F401
     assert_same_draws,
     random_inputs,
+    test_draw_writes_the_given_rows_only_and_skips_the_skipped,
+    test_greedy_draw_is_argmax_with_the_first_of_tied_maxima,
     test_kernel_draws_the_reference_token,
     test_kernel_reads_rows_of_a_strided_view,
     test_kernel_writes_every_row_of_a_poisoned_output,
+    test_penalties_follow_the_formula_over_each_rows_history,
+)
+from tests.kernels.test_sampling_topk import (  # noqa: F401
+    random_filters,
+    random_rows,
+    test_candidate_keys_order_by_value_then_lower_id_and_decode_back,
+    test_candidates_are_the_exact_top_n,
+    test_candidates_flag_rows_whose_ties_overflow_the_buffer_and_are_never_wrong,
+    test_draw_among_candidates_matches_the_reference,
+    test_exact_search_finds_the_kept_sets_edge,
+    test_window_and_search_keep_the_same_tokens_and_draw_the_same_one,
 )
 from tests.sampling.reference import random_logits, row, sample
 from tests.sampling.test_distribution import (  # noqa: F401
@@ -30,6 +45,7 @@ from tests.sampling.test_distribution import (  # noqa: F401
 from tests.sampling.test_sampler import (  # noqa: F401
     random_others,
     test_a_seeded_row_draws_the_same_tokens_whatever_the_batch,
+    test_a_top_k_beyond_the_window_keeps_exactly_the_k_best,
     test_allowed_token_ids_hold_every_draw_and_leave_other_rows_alone,
     test_banned_ids_are_never_drawn,
     test_greedy_rows_take_the_argmax,
@@ -39,7 +55,10 @@ from tests.sampling.test_sampler import (  # noqa: F401
     test_logprobs_are_of_the_logits_the_mode_names,
     test_penalties_match_the_reference_formula,
     test_penalties_on_hand_worked_logits,
+    test_rows_the_window_cannot_settle_follow_their_distribution,
+    test_token_histories_follow_lists_appended_step_by_step,
     test_top_k_one_equals_greedy,
+    test_top_k_one_is_greedy_on_tied_logits,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run tests/gpu on the GPU machine)")
@@ -58,6 +77,46 @@ def test_triton_kernel_equals_the_reference_at_batch_256_and_qwen_vocab():
     assert_same_draws(out, *inputs, tie=1e-5)
 
 
+def test_greedy_kernel_is_argmax_at_batch_256_and_qwen_vocab():
+    test_greedy_draw_is_argmax_with_the_first_of_tied_maxima("triton", 256, QWEN_VOCAB)
+
+
+@pytest.mark.parametrize("n", [50, 256])
+@pytest.mark.parametrize("ties", [False, True])
+def test_candidates_are_exact_at_batch_256_and_qwen_vocab(n, ties):
+    test_candidates_are_the_exact_top_n("triton", 256, QWEN_VOCAB, n, ties)
+
+
+def test_draw_among_candidates_matches_the_reference_at_batch_256_and_qwen_vocab():
+    test_draw_among_candidates_matches_the_reference("triton", 256, QWEN_VOCAB, 256)
+
+
+def test_window_and_search_agree_at_batch_256_and_qwen_vocab():
+    test_window_and_search_keep_the_same_tokens_and_draw_the_same_one("triton", 256, QWEN_VOCAB, 64)
+
+
+def test_exact_search_matches_the_reference_at_qwen_vocab():
+    rows = 12
+    x, inv_temp, floor = random_rows(rows, QWEN_VOCAB, seed=5, device=torch.device("cuda"), ties=True)
+    top_k, top_p, keys = random_filters(rows, QWEN_VOCAB, 64, seed=5, device=torch.device("cuda"))
+    pick = torch.arange(rows - 1, -1, -1, device="cuda")
+    ok = torch.arange(rows, device="cuda") % 5 == 0
+    results = []
+    for draw, dev in ((draw_unsettled_triton, "cuda"), (draw_unsettled_reference, "cpu")):
+        args = [t.to(dev) for t in (x, pick, ok, keys, inv_temp, floor, top_k, top_p)]
+        out = torch.full((rows,), -7, dtype=torch.int64, device=dev)
+        cut = torch.full((rows,), 7.0, device=dev)
+        draw(*args, out, cut)
+        results.append((out.cpu(), cut.cpu()))
+    (out, cut), (out_ref, cut_ref) = results
+    assert torch.equal(cut, cut_ref)
+    assert (out != out_ref).sum() <= 1  # a near-tie of two scores could part them
+
+
+def test_penalties_at_batch_256_and_qwen_vocab():
+    test_penalties_follow_the_formula_over_each_rows_history("triton", 256, QWEN_VOCAB, 400)
+
+
 def test_cuda_draws_the_tokens_the_cpu_draws():
     # Both sides hash the same integers, so only float rounding could part them (at near-ties).
     others = random_others(64, seed=30)
@@ -74,16 +133,43 @@ def test_the_sampler_never_syncs_with_the_host():
                 banned_ids=[7]) for i in range(32)]
     rows += [row(SamplingParams(temperature=0, allowed_token_ids=[5, 6, 7], logprobs=5)),
              row(SamplingParams(temperature=1.0, top_p=0.5, logprobs=5), seed=99)]
-    logits = random_logits(len(rows), QWEN_VOCAB, seed=32).cuda()
-    md = SamplingMetadata.build(rows, QWEN_VOCAB, torch.device("cuda"), "processed_logprobs")
-    Sampler()(logits.clone(), md)  # compiles the kernel first
+    rows += [row(SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, logprobs=5), seed=100 + i) for i in range(4)]
+    logits = random_logits(len(rows), QWEN_VOCAB, seed=32).cuda()  # flat: the top-p rows take the search
+    sampler = Sampler()
+    md = SamplingMetadata.build(rows, QWEN_VOCAB, torch.device("cuda"), "processed_logprobs", sampler.histories)
+    sampler(logits.clone(), md)  # compiles the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = Sampler()(logits, md)
+        out = sampler(logits, md)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.token_ids.shape == (len(rows),) and out.logprob_ids.shape == (len(rows), 6)
+
+
+def test_building_metadata_never_syncs_with_the_host():
+    # One pinned buffer, one non-blocking copy; the histories append on the device.
+    sampler = Sampler()
+    lists = [list(range(i, i + 60)) for i in range(64)]
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.2,
+                            presence_penalty=0.3, logit_bias={9: 1.0}, allowed_token_ids=list(range(500)), logprobs=3)
+
+    def build():
+        rows = [row(params, seed=i, step=len(t)) for i, t in enumerate(lists)]
+        for r, t in zip(rows, lists):
+            r.token_ids, r.num_prompt_tokens = t, 20
+            t.append(len(t) % 500)
+        return SamplingMetadata.build(rows, QWEN_VOCAB, torch.device("cuda"), "raw_logprobs", sampler.histories)
+
+    build()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        md = build()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = sampler(random_logits(len(lists), QWEN_VOCAB, seed=33).cuda(), md)
+    assert set(out.token_ids.tolist()) <= set(range(500))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Structured outputs on CUDA: the CPU suite's engine checks (regex, choice, EBNF, json_object, n=3,
 min_tokens, the cache) collected again on an LLM on the GPU, the 20 JSON schemas in a batch mixed
-with unconstrained requests, a constrained request joining an AsyncEngine that runs ahead (async
-scheduling), and xgrammar's apply_token_bitmask_inplace on CUDA against the plain-torch reference,
-at the default model's vocabulary and at Qwen's."""
+with unconstrained requests, constrained batches running ahead (async scheduling: the forward of
+the next step queued, its sampling late) offline and in an AsyncEngine, and xgrammar's
+apply_token_bitmask_inplace on CUDA against the plain-torch reference, at the default model's
+vocabulary and at Qwen's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest_asyncio
 import torch
 import xgrammar as xgr
 
-from aio_engine import LLM, AsyncEngine, EngineArgs
+from aio_engine import LLM, AsyncEngine, EngineArgs, SamplingParams
 from structured import (
     BatchBitmask,
     RequestGrammar,
@@ -88,6 +89,29 @@ def test_json_schemas_validate_on_cuda_mixed_with_unconstrained_requests(llm, cl
         validate(SCHEMAS[name], finished_text(out))
     for out in (outs[0], outs[11], outs[-1]):
         assert len(out.outputs[0].token_ids) == 24 and out.outputs[0].finish_reason == "length"
+
+
+def test_constrained_batch_runs_ahead_on_cuda_sampling_late_from_graph_replays(llm, closers):  # noqa: F811
+    """Grammar, penalty and min_tokens rows do not stop async scheduling: each decode step's
+    forward (a CUDA graph) is queued before the step in flight is finished; only its sampling
+    waits for the host. Every output still validates."""
+    core = llm.core
+    ahead, late, replays = core.num_steps_run_ahead, core.num_late_samplings, core.runner.graph_replays
+    names = ["nested", "object_array", "refs", "formats", "string_patterns", "any_of_objects"]
+    params = [constrained(closers, 300 + i, json=SCHEMAS[n]) for i, n in enumerate(names)]
+    params[0].n = 2
+    params += [SamplingParams(temperature=1.0, seed=310, max_tokens=24, presence_penalty=1.0, repetition_penalty=1.2),
+               SamplingParams(temperature=1.0, seed=311, max_tokens=24, min_tokens=16, bad_words=["the"])]
+    outs = run(llm, params, [PROMPTS[i % len(PROMPTS)] for i in range(len(params))])
+    for name, out in zip(names, outs):
+        for completion in out.outputs:
+            assert completion.finish_reason == "stop", (name, completion.text)
+            validate(SCHEMAS[name], completion.text)
+    assert len(outs[-1].outputs[0].token_ids) >= 16
+    decode_steps = max(len(c.token_ids) for out in outs for c in out.outputs) - 1
+    assert core.num_steps_run_ahead - ahead >= decode_steps
+    assert core.num_late_samplings - late >= decode_steps - 1
+    assert core.runner.graph_replays - replays >= decode_steps // 2
 
 
 async def test_constrained_requests_join_an_engine_running_ahead(engine, closers):  # noqa: F811

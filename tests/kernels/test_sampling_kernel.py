@@ -1,18 +1,24 @@
-"""Counter-based Gumbel noise and the fused Gumbel-max kernel: the Triton kernel draws the same
-token as the torch reference (under TRITON_INTERPRET=1 on CPU, on CUDA where there is one), and
-the noise is Gumbel, a pure function of (key, token id)."""
+"""Counter-based Gumbel noise, the whole-row draw and the sparse penalties: each Triton kernel
+gives what its torch reference gives (under TRITON_INTERPRET=1 on CPU, on CUDA where there is
+one), the references follow the formulas, and the noise is Gumbel, a pure function of (key, token id)."""
 
 from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from kernels import sampling
-from kernels.sampling import gumbel_argmax_reference, gumbel_argmax_triton, gumbel_noise_reference
-from tests.sampling.reference import chi_square_p_value
+from kernels.sampling import (
+    apply_penalties_reference,
+    apply_penalties_triton,
+    gumbel_argmax_reference,
+    gumbel_argmax_triton,
+    gumbel_noise_reference,
+)
+from tests.sampling.reference import chi_square_p_value, penalized
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -64,9 +70,87 @@ def test_kernel_draws_the_reference_token(rows, vocab):
 def test_kernel_writes_every_row_of_a_poisoned_output():
     logits, keys, inv_temp, floor = random_inputs(9, 3000, seed=5, device=kernel_device())
     out = torch.full((9,), -7, dtype=torch.int64, device=logits.device)
-    sampling._gumbel_argmax_kernel[(9,)](logits, keys, inv_temp, floor, out, logits.stride(0), 3000, BLOCK=2048,
-                                         num_warps=8)
+    gumbel_argmax_triton(logits, keys, inv_temp, floor, out=out)
     assert torch.equal(out, gumbel_argmax_reference(logits, keys, inv_temp, floor))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_draw_writes_the_given_rows_only_and_skips_the_skipped(impl):
+    logits, keys, inv_temp, floor = random_inputs(12, 5000, seed=8, device=kernel_device())
+    rows = torch.tensor([11, 3, 0, 7, 5], device=logits.device)
+    skip = torch.tensor([False, True, False, False, True], device=logits.device)
+    out = torch.full((12,), -7, dtype=torch.int64, device=logits.device)
+    draw = gumbel_argmax_triton if impl == "triton" else gumbel_argmax_reference
+    draw(logits, keys, inv_temp, floor, rows, out, skip)
+    alone = gumbel_argmax_reference(logits, keys, inv_temp, floor)
+    drawn = torch.tensor([11, 0, 7])
+    assert torch.equal(out.cpu()[drawn], alone.cpu()[drawn])
+    assert (out.cpu()[[i for i in range(12) if i not in (11, 0, 7)]] == -7).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (4, 100), (9, 4097), (3, 30000)])
+def test_greedy_draw_is_argmax_with_the_first_of_tied_maxima(impl, rows, vocab):
+    gen = torch.Generator().manual_seed(rows + vocab)
+    logits = (torch.randn(rows, vocab, generator=gen) * 2).round() / 2  # coarse values: many ties, at the top too
+    logits = logits.to(kernel_device())
+    draw = gumbel_argmax_triton if impl == "triton" else gumbel_argmax_reference
+    assert torch.equal(draw(logits, None, None, None).cpu(), logits.cpu().argmax(-1))
+    # Greedy rows (inverse temperature 0) beside random ones take the argmax too, noise or not.
+    keys = torch.randint(0, 2**62, (rows,), generator=gen).to(logits.device)
+    inv_temp = torch.where(torch.arange(rows) % 2 == 0, 0.0, 1.0).to(logits.device)
+    got = draw(logits, keys, inv_temp, None).cpu()
+    assert torch.equal(got[0::2], logits.cpu()[0::2].argmax(-1))
+    assert torch.equal(got, gumbel_argmax_reference(logits, keys, inv_temp, None).cpu())
+
+
+# --- penalties ---
+
+def random_histories(num_rows: int, vocab: int, seed: int, device: torch.device, longest: int = 40):
+    """Penalized rows (a shuffled subset of the logits rows) with ids in a history arena: prompts
+    and outputs of random lengths over a few hot ids (so they repeat), some rows without
+    repetition penalty (their range starts at the output), empty ranges, ids at both vocabulary ends."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(num_rows, generator=gen)[: max(1, num_rows * 2 // 3)]
+    capacity = longest + 24
+    ids = torch.randint(0, vocab, (len(rows) + 3, capacity), generator=gen, dtype=torch.int32)
+    ids[:, :4] = torch.tensor([0, vocab - 1, 0, vocab - 1], dtype=torch.int32)
+    hot = torch.randint(0, vocab, (len(rows), 5), generator=gen)
+    slots = torch.randperm(len(rows) + 3, generator=gen)[: len(rows)].int()
+    begin, split, end = [], [], []
+    for i in range(len(rows)):
+        num_prompt = int(torch.randint(0, 20, (), generator=gen))
+        num_out = int(torch.randint(3, longest, (), generator=gen))
+        ids[slots[i], num_prompt:num_prompt + num_out] = hot[i][torch.randint(0, 5, (num_out,), generator=gen)].int()
+        ids[slots[i], num_prompt:num_prompt + 2] = torch.tensor([0, vocab - 1], dtype=torch.int32)[: num_out]
+        split.append(num_prompt)
+        end.append(num_prompt + num_out if i % 7 != 6 else num_prompt)  # some rows have no output yet
+        begin.append(0 if i % 3 != 2 else num_prompt)
+    rep = (0.5 + 1.5 * torch.rand(len(rows), generator=gen)).where(torch.tensor(begin) == 0, torch.tensor(1.0))
+    freq, pres = torch.rand(2, len(rows), generator=gen) * 4 - 2
+    width = max(e - b for b, e in zip(begin, end))
+    ranges = torch.stack([rows.int(), slots, *(torch.tensor(v, dtype=torch.int32) for v in (begin, split, end))])
+    return ids.to(device), ranges.to(device), torch.stack([rep, freq, pres]).to(device), width
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("num_rows, vocab, longest", [(1, 3, 40), (6, 50, 40), (20, 1000, 40), (3, 60, 2500)])
+def test_penalties_follow_the_formula_over_each_rows_history(impl, num_rows, vocab, longest):
+    # (Histories longer than a program's block put repeated ids in different programs.)
+    device = kernel_device() if impl == "triton" else torch.device("cpu")
+    args = random_histories(num_rows, vocab, seed=num_rows * vocab, device=device, longest=longest)
+    ids, ranges, factors, _ = args
+    logits = torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    logits[0, 1 % vocab] = float("-inf")  # a masked logit stays masked
+    expected = logits.double().clone()
+    for (r, slot, b, s, e), (rep, freq, pres) in zip(ranges.cpu().T.tolist(), factors.cpu().T.tolist()):
+        history = ids[slot].tolist()
+        params = SimpleNamespace(repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)
+        expected[r] = penalized(logits[r], params, history[b:s], history[s:e])
+    got = logits.clone().to(device)
+    (apply_penalties_triton if impl == "triton" else apply_penalties_reference)(got, *args)
+    torch.testing.assert_close(got.cpu().double(), expected, atol=1e-5, rtol=1e-6)
+    assert (got.cpu().double() != logits.double()).any()
 
 
 def test_kernel_reads_rows_of_a_strided_view():

@@ -34,12 +34,12 @@ def draw(params: SamplingParams, over: str, device, logits: torch.Tensor = LOGIT
     return sample(logits.expand(DRAWS, -1), rows, device).token_ids.cpu()
 
 
-def assert_follows(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+def assert_follows(tokens: torch.Tensor, probs: torch.Tensor, draws: int = DRAWS) -> None:
     counts = torch.bincount(tokens, minlength=len(probs))
     support = probs > 0
     outside = counts[~support]
     assert outside.sum() == 0, f"tokens outside the kept set: {(~support).nonzero()[outside > 0, 0].tolist()}"
-    assert (counts[probs * DRAWS >= 20] > 0).all()  # every token the set keeps shows up
+    assert (counts[probs * draws >= 20] > 0).all()  # every token the set keeps shows up
     p_value = chi_square_p_value(counts, probs)
     assert p_value > 1e-3, f"chi-square p = {p_value:.2e}"
 

@@ -9,11 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sampling.metadata import SamplingMetadata, row_key
+from sampling.metadata import (
+    MAX_WINDOW_TOP_K,
+    TOP_P_WINDOW,
+    SamplingMetadata,
+    SamplingRow,
+    TokenHistories,
+    row_key,
+)
 from sampling.params import SamplingParams
 from sampling.sampler import apply_penalties
 
-from .reference import penalized, processed_batch, random_logits, row, sample
+from .reference import distribution, penalized, processed_batch, random_logits, row, sample
+from .test_distribution import assert_follows
 
 VOCAB = 64
 MODES = ["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"]
@@ -259,14 +267,89 @@ def test_features_nobody_uses_stay_off(device):
     device = torch.device(device)
     md = SamplingMetadata.build([row(SamplingParams(temperature=1.0)), row(SamplingParams(temperature=0))], 100, device)
     assert not md.all_greedy and md.num_logprobs == -1
-    assert all(getattr(md, name) is None for name in ("top_k", "top_p", "min_p", "candidate_rows", "presence",
-                                                      "output_ids", "prompt_ids", "bias", "banned", "allowed"))
-    # Greedy rows ignore the filters: top-k and top-p of greedy rows set up nothing.
-    md = SamplingMetadata.build([row(SamplingParams(temperature=0, top_k=5, top_p=0.5))], 100, device)
-    assert md.all_greedy and md.top_k is None and md.top_p is None
-    # Candidates: the largest top-k, or the whole vocabulary once a row has top-p alone.
+    assert all(getattr(md, name) is None for name in ("top_k", "top_p", "floor_offset", "candidate_rows", "plain_rows",
+                                                      "penalties", "bias", "banned", "allowed"))
+    # Greedy rows ignore the filters: top-k, top-p and min-p of greedy rows set up nothing, and an
+    # all-greedy batch uploads nothing at all (no temperatures, no random-stream keys).
+    md = SamplingMetadata.build([row(SamplingParams(temperature=0, top_k=5, top_p=0.5, min_p=0.1))], 100, device)
+    assert md.all_greedy and md.top_k is None and md.top_p is None and md.floor_offset is None
+    assert md.inv_temp is None and md.keys is None
+    # Candidates: the largest top-k, or the top-p window once a row has top-p alone (at most the vocabulary).
     md = SamplingMetadata.build([row(SamplingParams(top_k=5)), row(SamplingParams(top_k=9, top_p=0.5)),
                                  row(SamplingParams())], 100, device)
-    assert md.candidate_rows.tolist() == [0, 1] and md.candidate_k == 9
+    assert md.candidate_rows.tolist() == [0, 1] and md.plain_rows.tolist() == [2] and md.candidate_k == 9
     md = SamplingMetadata.build([row(SamplingParams(top_k=5)), row(SamplingParams(top_p=0.5))], 100, device)
-    assert md.candidate_k == 100
+    assert md.candidate_k == 100 and md.top_p_alone
+    md = SamplingMetadata.build([row(SamplingParams(top_k=5)), row(SamplingParams(top_p=0.5))], 5000, device)
+    assert md.candidate_k == TOP_P_WINDOW
+    # A top-k beyond the window's limit does not widen everyone's window (that row takes the search).
+    md = SamplingMetadata.build([row(SamplingParams(top_k=7)), row(SamplingParams(top_k=MAX_WINDOW_TOP_K + 1))],
+                                5000, device)
+    assert md.candidate_k == 7
+
+
+def test_token_histories_follow_lists_appended_step_by_step(device):
+    """The runner passes each request's own token list; the histories upload only what was
+    appended, free the slots of rows that left, and re-upload a list that shrank."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(40)
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2),
+              SamplingParams(temperature=1.0, frequency_penalty=-0.7, presence_penalty=1.1),
+              SamplingParams(temperature=0.5, repetition_penalty=0.8),
+              SamplingParams(temperature=1.0)]  # no penalties: its list is never read
+    prompts = [torch.randint(0, VOCAB, (int(torch.randint(1, 9, (), generator=gen)),), generator=gen).tolist()
+               for _ in range(6)]
+    lists = [list(p) for p in prompts]
+    histories = TokenHistories()
+    for step in range(7):
+        for i, tokens in enumerate(lists):
+            new = 3 if (i, step) == (2, 3) else 1  # a row that took several tokens at once
+            tokens.extend(torch.randint(0, VOCAB, (new,), generator=gen).tolist())
+        if step == 4:
+            del lists[1][-2:]  # shrunk: not the list it was
+        live = [i for i in range(6) if (i, step) not in ((3, 2), (3, 3))]  # row 3 sits out two steps
+        rows = [SamplingRow(params[i % 4], seed=i, step=step, token_ids=lists[i],
+                            num_prompt_tokens=len(prompts[i])) for i in live]
+        rows.append(row(params[0], output_ids=lists[0][len(prompts[0]):], prompt_ids=prompts[0]))  # separate lists
+        md = SamplingMetadata.build(rows, VOCAB, device, histories=histories)
+        logits = random_logits(len(rows), VOCAB, seed=step)
+        got = logits.to(device).clone()
+        apply_penalties(got, md)
+        expected = [penalized(logits[j], r.params, r.prompt_ids or lists[i][:len(prompts[i])],
+                              r.output_ids or lists[i][len(prompts[i]):]) for j, (i, r) in enumerate(zip(live + [0], rows))]
+        torch.testing.assert_close(got.cpu().double(), torch.stack(expected), atol=1e-5, rtol=1e-6)
+        # Slots: the penalized rows of this build, and the separate lists' one of the build before.
+        assert len(histories.slot_of) == sum(1 for i in live if i % 4 != 3)
+        assert histories.builds == step + 1  # kept, not started over
+    assert histories.ids.shape[0] <= 16
+
+
+def test_rows_the_window_cannot_settle_follow_their_distribution(device):
+    # A flat row: the top-p nucleus is wider than the window, so every draw takes the exact search.
+    vocab = TOP_P_WINDOW + 44
+    logits = random_logits(1, vocab, seed=41, scale=0.3)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    rows = [row(params, seed=i) for i in range(20_000)]
+    tokens = sample(logits.expand(len(rows), -1), rows, device).token_ids.cpu()
+    assert_follows(tokens, distribution(logits, rows[0]), len(rows))
+
+
+def test_a_top_k_beyond_the_window_keeps_exactly_the_k_best(device):
+    vocab, k = MAX_WINDOW_TOP_K + 80, MAX_WINDOW_TOP_K + 1
+    logits = random_logits(1, vocab, seed=42, scale=0.01)[0]  # near-uniform: the worst tokens would come up
+    worst = logits.argsort()[: vocab - k]
+    rows = [row(SamplingParams(temperature=1.0, top_k=k), seed=i) for i in range(3000)]
+    tokens = sample(logits.expand(len(rows), -1), rows, device).token_ids.cpu()
+    assert not torch.isin(tokens, worst).any()
+    assert len(set(tokens.tolist())) > 900
+    plain = sample(logits.expand(len(rows), -1), [row(SamplingParams(temperature=1.0), seed=i) for i in range(3000)],
+                   device).token_ids.cpu()
+    assert torch.isin(plain, worst).sum() > 100
+
+
+def test_top_k_one_is_greedy_on_tied_logits(device):
+    # Coarse (bf16-like) logits tie at the top: top-k 1 keeps the lowest id, as argmax does.
+    logits = (random_logits(64, 3000, seed=43) * 2).round() / 2
+    logits[:, 7] = logits.max(-1).values  # a tie at the top of every row, with a low id
+    rows = [row(SamplingParams(temperature=1.0, top_k=1), seed=i) for i in range(64)]
+    assert torch.equal(tokens_of(logits, rows, device), logits.argmax(-1))
