@@ -424,7 +424,8 @@ class ModelRunner:
         """The token bitmask of a step's constrained rows (made on first use: xgrammar loads slowly)."""
         from structured.bitmask import BatchBitmask
 
-        return BatchBitmask(self.max_num_seqs, self.config.model.vocab_size, self.device)
+        return BatchBitmask(self.max_num_seqs, self.config.model.vocab_size, self.device,
+                            fill_threads=self.config.structured_outputs.fill_threads)
 
     def _carry_tokens(self, seqs, carried, prev: LaunchedStep):
         """A function that writes `prev`'s sampled ids into this step's device input ids."""
