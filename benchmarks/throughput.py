@@ -54,8 +54,12 @@ def main() -> None:
         n_out = min(rng.randint(*ns.output_len), max_len - n_in)
         prompts.append({"prompt_token_ids": [rng.randrange(vocab) for _ in range(n_in)]})
         params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True))
-    # Warm up once (allocator, lazy inits) so the timing is of steady work.
-    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    # Warm up (allocator, lazy inits, the kernels' variants for full prefill steps and decode
+    # batches) on other random prompts of the same lengths, so the timing is of steady work and the
+    # prefix cache holds nothing of the timed prompts.
+    warm = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(len(p["prompt_token_ids"]))]}
+            for p in prompts[:32]]
+    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)

@@ -186,7 +186,9 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, hi, window, table, k_cache_ptr, v_cache
     return acc, m_i, l_i
 
 
-@triton.jit
+# The batch's sequence count and block-table width change every step: specializing on them
+# (== 1, divisible by 16) would compile new variants in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
