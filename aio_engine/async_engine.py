@@ -72,6 +72,8 @@ class AsyncEngine:
         self._pending_aborts: set[str] = set()
         self.dead_error: BaseException | None = None
         self._grammars: asyncio.Future | None = None  # the core's grammar compiler, made off the loop
+        # On CUDA a launch only queues work; on CPU it computes the step, so it goes to the worker.
+        self._launch_inline = config.device.type == "cuda"
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
@@ -184,18 +186,25 @@ class AsyncEngine:
             self._collectors.clear()
 
     async def _run_phases(self, loop: asyncio.AbstractEventLoop, phases) -> list[RequestOutput]:
-        """Drive EngineCore.phases(): its host parts here on the loop, each blocking call (launch,
-        the wait on the CUDA event, a late sampling) in the worker thread. Aborts that arrive while
-        the worker runs (it may read those requests' blocks and tokens) apply when it returns."""
+        """Drive EngineCore.phases(): its host parts here on the loop, each blocking call in the
+        worker thread. On CUDA, launch and a late sampling only queue work (no sync) and run here
+        too: handing them to the worker costs two thread switches and, worse, the worker fights the
+        loop's consumers for the GIL (measured: launch 1.2 -> 2.1 ms per step at batch 64). The wait
+        on the CUDA event always goes to the worker. Aborts that arrive while the worker runs (it
+        may read those requests' blocks and tokens) apply when it returns."""
+        wait = self.core.runner.wait
         try:
             call = next(phases)
             while True:
-                self._stepping = True
-                try:
-                    result = await loop.run_in_executor(self._executor, call)
-                finally:
-                    self._stepping = False
-                self._apply_pending_aborts()
+                if self._launch_inline and getattr(call, "func", None) != wait:
+                    result = call()
+                else:
+                    self._stepping = True
+                    try:
+                        result = await loop.run_in_executor(self._executor, call)
+                    finally:
+                        self._stepping = False
+                    self._apply_pending_aborts()
                 call = phases.send(result)
         except StopIteration as done:
             return done.value

@@ -227,3 +227,26 @@ async def test_shutdown_aborts_what_is_left(make_async_engine):
     assert not engine.is_running
     assert_all_blocks_free(engine.core)
     await stream.aclose()
+
+
+async def test_launching_on_the_loop_as_on_cuda_gives_the_same_tokens_and_only_waits_in_the_worker(
+        make_async_engine, make_llm, monkeypatch):
+    engine = make_async_engine()
+    engine._launch_inline = True  # what a CUDA engine does; on CPU the launch computes the step here
+    in_worker = []
+    run_in_executor = asyncio.get_running_loop().run_in_executor
+
+    def spy(executor, call, *args):
+        if executor is engine._executor:
+            in_worker.append(call.func.__name__)
+        return run_in_executor(executor, call, *args)
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "run_in_executor", spy)
+    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True, presence_penalty=0.5)
+    results = await asyncio.gather(collect(engine, prompt(11), params(12)), collect(engine, prompt(12), seeded))
+    offline = make_llm().generate([prompt(11), prompt(12)], [params(12), seeded], use_tqdm=False)
+    for streamed, expected in zip(results, offline):
+        assert streamed[-1].outputs[0].token_ids == expected.outputs[0].token_ids
+    assert in_worker and set(in_worker) == {"wait"}
+    await wait_until_idle(engine)
+    assert_all_blocks_free(engine.core)
