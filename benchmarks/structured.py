@@ -67,9 +67,9 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="library: the lm_head width (>= tokenizer's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="library: bitmask steps")
-    parser.add_argument("--fill-threads", default="0",
-                        help="threads for one batch fill: an integer, 0 for the engine's default (half the CPUs "
-                             "this process may use, at most 8), or auto for xgrammar's (half the host's cores)")
+    parser.add_argument("--fill-threads", default="1",
+                        help="threads for one batch fill: an integer (the engine's default: 1), or auto for "
+                             "xgrammar's (half the host's cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     engine = parser.add_argument_group("engine mode")
     engine.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -169,7 +169,7 @@ def engine_level(args) -> dict:
     cached_s = (time.perf_counter() - start) / 100
 
     # Every bitmask fill of the engine, timed: (seconds, rows filled).
-    if args.fill_threads != "0":  # the runner's bitmask, made here with other threads
+    if args.fill_threads != "1":  # the runner's bitmask, made here with other threads
         core.runner.bitmask = BatchBitmask(core.runner.max_num_seqs, vocab, core.config.device,
                                            fill_threads=_threads(args.fill_threads))
     bitmask = core.runner.bitmask

@@ -13,7 +13,6 @@ host buffer is never rewritten under a pending copy. An event guards that all th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +25,7 @@ class BatchBitmask:
     """Fill rows for one step's constrained sequences, then apply them to that step's logits."""
 
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str = "cpu", *,
-                 fill_threads: int | str = 0) -> None:
+                 fill_threads: int | str = 1) -> None:
         if max_rows < 1 or vocab_size < 1:
             raise ValueError(f"BatchBitmask needs max_rows >= 1 and vocab_size >= 1, got {max_rows}, {vocab_size}")
         self.max_rows, self.vocab_size = max_rows, vocab_size
@@ -42,8 +41,7 @@ class BatchBitmask:
         self._uploading = False
         self._rows: list[int] = []  # the logits rows filled for the current step
         # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python.
-        self.fill_threads = fill_threads if fill_threads == "auto" or fill_threads > 0 else default_fill_threads()
-        self._batch = xgr.BatchGrammarMatcher(self.fill_threads)
+        self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
 
     @property
     def rows(self) -> list[int]:
@@ -110,11 +108,6 @@ class BatchBitmask:
         if self._uploading:
             self._uploaded.synchronize()
             self._uploading = False
-
-
-def default_fill_threads() -> int:
-    """Half the CPUs this process may run on (its affinity, not the host's core count), 1 to 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -126,14 +126,10 @@ def test_cuda_apply_equals_the_cpu_apply_step_after_step(service, tokenizer):
                 assert grammars[row].accept_token(int(expected[row].argmax()))
 
 
-def test_fill_threads_default_follows_the_cpus_this_process_may_use(monkeypatch):
-    from structured.bitmask import default_fill_threads
+def test_fill_threads_must_be_a_positive_integer():
     from structured.config import StructuredOutputsConfig
 
-    for cpus, expected in ((range(64), 8), (range(6), 3), (range(1), 1)):
-        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: set(cpus))
-        assert default_fill_threads() == expected
-        assert BatchBitmask(2, 64, fill_threads=0).fill_threads == expected
-    assert BatchBitmask(2, 64, fill_threads=3).fill_threads == 3
-    with pytest.raises(ValueError, match="fill_threads"):
-        StructuredOutputsConfig(fill_threads=-1)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="fill_threads"):
+            StructuredOutputsConfig(fill_threads=bad)
+    assert StructuredOutputsConfig(fill_threads=4).fill_threads == 4
