@@ -304,14 +304,14 @@ class ModelRunner:
         if size is not None and len(sample_rows) == len(seqs):
             input_ids, _, meta = self._graph_inputs(seqs, size)
             if fill is not None:
-                fill(input_ids)
+                fill(input_ids, meta.query_start_loc_host)
             graph, logits = self.graphs[size]
             graph.replay()
             self.graph_replays += 1
             return None, logits[: len(seqs)], meta
         input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
         if fill is not None:
-            fill(input_ids)
+            fill(input_ids, meta.query_start_loc_host)
         hidden = self._model_forward(input_ids, positions, meta)
         return hidden, self.model.compute_logits(hidden[logits_idx]), meta  # logits [len(sample_rows), vocab]
 
@@ -359,7 +359,7 @@ class ModelRunner:
         if not seqs:
             return step
         with self._on_stream():
-            fill = self._carry_tokens(seqs, carried, prev) if carried else None
+            fill = self._carry_tokens(carried, prev) if carried else None
             hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill)
             if prompt_spans:
                 step.prompt_logprobs = self._prompt_logprobs(hidden, meta, prompt_spans, out)
@@ -427,16 +427,16 @@ class ModelRunner:
         return BatchBitmask(self.max_num_seqs, self.config.model.vocab_size, self.device,
                             fill_threads=self.config.structured_outputs.fill_threads)
 
-    def _carry_tokens(self, seqs, carried, prev: LaunchedStep):
-        """A function that writes `prev`'s sampled ids into this step's device input ids."""
+    def _carry_tokens(self, carried, prev: LaunchedStep):
+        """A function that writes `prev`'s sampled ids into this step's device input ids, given the
+        batch's query start offsets (the last input of a carried row is its sampled token)."""
         if prev.sampled is None:
             raise RuntimeError("the step in flight was never sampled: sample() it before the next launch")
-        starts = np.cumsum([0] + [len(t) for t, _, _ in seqs])
-        dst = torch.tensor([int(starts[row + 1]) - 1 for row, _ in carried]).to(self.device, non_blocking=True)
-        src = torch.tensor([j for _, j in carried]).to(self.device, non_blocking=True)
         tokens = prev.sampled.token_ids
 
-        def fill(input_ids: torch.Tensor) -> None:
+        def fill(input_ids: torch.Tensor, query_start: list[int]) -> None:
+            dst = torch.tensor([query_start[row + 1] - 1 for row, _ in carried]).to(self.device, non_blocking=True)
+            src = torch.tensor([j for _, j in carried]).to(self.device, non_blocking=True)
             input_ids.index_copy_(0, dst, tokens.index_select(0, src))
 
         return fill
