@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from sampling.metadata import SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplerOutput
 
+from .batch_inputs import BlockTables, StagingBuffer
 from .compilation import PiecewiseForward, configure_caches, graph_capture, no_gc
 from .config import EngineConfig
 from .loader import load_model
@@ -30,31 +32,6 @@ from .scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
-
-
-class StagingBuffer:
-    """Flat host buffers (pinned on CUDA) and their device twin, all allocated once.
-
-    Each step fills a prefix of the host side through numpy and uploads just that prefix with a
-    non-blocking copy. On CUDA two host halves alternate step by step (`flip`), so that filling
-    step N+1 never overwrites what step N's copy has not read yet. On CPU host and device are one.
-    """
-
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        cuda = device.type == "cuda"
-        self.halves = [torch.zeros(size, dtype=dtype, pin_memory=cuda) for _ in range(2 if cuda else 1)]
-        self.device = torch.zeros(size, dtype=dtype, device=device) if cuda else self.halves[0]
-        self.flip()
-
-    def flip(self) -> None:
-        self.halves.reverse()
-        self.host = self.halves[0]
-        self.np = self.host.numpy()
-
-    def upload(self, n: int) -> torch.Tensor:
-        if self.device is not self.host:
-            self.device[:n].copy_(self.host[:n], non_blocking=True)
-        return self.device[:n]
 
 
 class ModelRunner:
@@ -80,8 +57,10 @@ class ModelRunner:
         # Block tables are packed [num_seqs, widest table of the step] at the front of the buffer.
         self.buf_block_tables = StagingBuffer(self.max_num_seqs * self.max_blocks_per_seq, torch.int32, dev)
         self.buf_logits_idx = StagingBuffer(self.max_num_seqs, torch.int64, dev)
+        self.buf_carry = StagingBuffer(2 * self.max_num_seqs, torch.int64, dev)  # carried rows: (dst, src) ids
         self.buffers = [self.buf_input_ids, self.buf_positions, self.buf_slots, self.buf_query_start,
-                        self.buf_seq_lens, self.buf_block_tables, self.buf_logits_idx]
+                        self.buf_seq_lens, self.buf_block_tables, self.buf_logits_idx, self.buf_carry]
+        self.block_tables = BlockTables(self.max_num_seqs, self.max_blocks_per_seq)
         self.buf_sampled = StagingBuffer(self.max_num_seqs, torch.int64, dev)  # host side: ids coming home
         # The forward and sampling run on their own stream; an event says when the ids are home.
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
@@ -180,29 +159,43 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # --- the step ---
-    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int], num_pad: int = 0):
+    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int], num_pad: int = 0,
+                     table_rows: np.ndarray | None = None):
         """seqs: (token ids to compute, first position, block ids) per request -> device inputs.
         `num_pad` one-token rows follow (a batch padded to a CUDA-graph size): they write no KV
-        (slot -1) and attend to one slot of block 0."""
-        seqs = seqs + [([0], 0, [0])] * num_pad
-        num_seqs = len(seqs)
-        lens = np.fromiter((len(t) for t, _, _ in seqs), dtype=np.int64, count=num_seqs)
-        starts = np.fromiter((p for _, p, _ in seqs), dtype=np.int64, count=num_seqs)
+        (slot -1) and attend to one slot of block 0. `table_rows`: the requests' rows in
+        self.block_tables (the block ids in `seqs` are then not read)."""
+        num_seqs = len(seqs) + num_pad
+        lens = np.ones(num_seqs, dtype=np.int64)
+        lens[: len(seqs)] = np.fromiter(map(len, map(_first, seqs)), dtype=np.int64, count=len(seqs))
+        starts = np.zeros(num_seqs, dtype=np.int64)
+        starts[: len(seqs)] = np.fromiter(map(_second, seqs), dtype=np.int64, count=len(seqs))
         num_tokens = int(lens.sum())
         query_start = self.buf_query_start.np[: num_seqs + 1]
         query_start[0] = 0
         np.cumsum(lens, out=query_start[1:])
-        self.buf_input_ids.np[:num_tokens] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64,
-                                                         count=num_tokens)
+        input_ids = self.buf_input_ids.np[:num_tokens]
+        if num_tokens == num_seqs:  # decode rows only: one token each
+            input_ids[: len(seqs)] = np.fromiter((t[0] for t, _, _ in seqs), dtype=np.int64, count=len(seqs))
+        else:
+            input_ids[: num_tokens - num_pad] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64,
+                                                            count=num_tokens - num_pad)
+        input_ids[num_tokens - num_pad:] = 0
         # positions: each request's run start..start+len, built without a Python loop over tokens
-        seq_of_token = np.repeat(np.arange(num_seqs), lens)
         positions = self.buf_positions.np[:num_tokens]
-        positions[:] = np.arange(num_tokens) - np.repeat(query_start[:-1], lens) + starts[seq_of_token]
-        width = max(1, max(len(b) for _, _, b in seqs))
+        if num_tokens == num_seqs:
+            seq_of_token = np.arange(num_seqs)
+            positions[:] = starts
+        else:
+            seq_of_token = np.repeat(np.arange(num_seqs), lens)
+            positions[:] = np.arange(num_tokens) - np.repeat(query_start[:-1], lens) + starts[seq_of_token]
+        if table_rows is None:
+            table_rows = self._table_rows_of(seqs)
+        if num_pad:
+            table_rows = np.concatenate([table_rows, np.full(num_pad, BlockTables.PAD_ROW)])
+        width = max(1, int(self.block_tables.count[table_rows].max()))
         tables = self.buf_block_tables.np[: num_seqs * width].reshape(num_seqs, width)
-        tables.fill(0)
-        for i, (_, _, blocks) in enumerate(seqs):
-            tables[i, : len(blocks)] = blocks
+        np.take(self.block_tables.table[:, :width], table_rows, axis=0, out=tables)
         slots = self.buf_slots.np[:num_tokens]
         slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
             + positions % self.block_size
@@ -224,6 +217,11 @@ class ModelRunner:
         )
         return (self.buf_input_ids.upload(num_tokens), self.buf_positions.upload(num_tokens), meta,
                 self.buf_logits_idx.upload(len(sample_rows)))
+
+    def _table_rows_of(self, seqs) -> np.ndarray:
+        """Rows for block lists that belong to no request (profiling, tests): written fresh."""
+        ids = [f"_seq{i}" for i in range(len(seqs))]
+        return self.block_tables.rows(ids, [list(b) for _, _, b in seqs])
 
     # --- CUDA graphs ---
     @torch.inference_mode()
@@ -273,9 +271,9 @@ class ModelRunner:
         logger.info("captured %d CUDA graphs (batch %d..%d) in %.1fs", len(sizes), min(sizes), max(sizes),
                     time.perf_counter() - start)
 
-    def _graph_inputs(self, seqs, size: int):
+    def _graph_inputs(self, seqs, size: int, table_rows: np.ndarray | None = None):
         """Fill the persistent inputs for a decode batch padded to `size` rows."""
-        input_ids, positions, meta, _ = self._build_batch(seqs, [], num_pad=size - len(seqs))
+        input_ids, positions, meta, _ = self._build_batch(seqs, [], size - len(seqs), table_rows)
         width = meta.block_tables.shape[1]
         self.graph_tables[:size, :width].copy_(meta.block_tables, non_blocking=True)
         meta.block_tables = self.graph_tables[:size]
@@ -283,7 +281,7 @@ class ModelRunner:
 
     def _graph_size(self, seqs) -> int | None:
         """The FULL graph's batch size a uniform decode batch is padded to, or None."""
-        if not self.graphs or any(len(t) != 1 for t, _, _ in seqs):
+        if not self.graphs or sum(map(len, map(_first, seqs))) != len(seqs):  # every row one token?
             return None
         i = bisect.bisect_left(self.graph_sizes, len(seqs))
         return self.graph_sizes[i] if i < len(self.graph_sizes) else None
@@ -296,20 +294,20 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def _forward_raw(self, seqs, sample_rows: list[int], fill=None):
+    def _forward_raw(self, seqs, sample_rows: list[int], fill=None, table_rows: np.ndarray | None = None):
         """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata).
         Uniform decode batches replay a FULL CUDA graph instead (hidden is then None). Compiled,
         hidden is a view of the pieces' buffer: read it (enqueue its use) before the next forward."""
         size = self._graph_size(seqs)
         if size is not None and len(sample_rows) == len(seqs):
-            input_ids, _, meta = self._graph_inputs(seqs, size)
+            input_ids, _, meta = self._graph_inputs(seqs, size, table_rows)
             if fill is not None:
                 fill(input_ids, meta.query_start_loc_host)
             graph, logits = self.graphs[size]
             graph.replay()
             self.graph_replays += 1
             return None, logits[: len(seqs)], meta
-        input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows)
+        input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows, table_rows=table_rows)
         if fill is not None:
             fill(input_ids, meta.query_start_loc_host)
         hidden = self._model_forward(input_ids, positions, meta)
@@ -335,32 +333,35 @@ class ModelRunner:
         prompt_spans: list[tuple[int, int, int]] = []  # (row, first, last): positions whose next token is known
         carried: list[tuple[int, int]] = []  # (row, row of its sampled token in `prev`)
         reads_host = False  # a sampling row depends on the tokens its request has so far
+        prev_rows = prev.sample_row if prev is not None else {}
         for i, sched in enumerate(out.scheduled):
             r = sched.request
-            start = sched.start
-            tokens = r.all_token_ids[start : start + sched.num_new_tokens]
-            if len(tokens) < sched.num_new_tokens:  # the last input is the token `prev` sampled
-                tokens = tokens + [0]
-                carried.append((i, prev.sample_row[r.request_id]))
+            start, num_new = sched.start, sched.num_new_tokens
+            if start + num_new > len(r.all_token_ids):  # the last input is the token `prev` sampled
+                tokens = r.all_token_ids[start:] + [0]
+                carried.append((i, prev_rows[r.request_id]))
+            else:
+                tokens = r.all_token_ids[start : start + num_new]
             seqs.append((tokens, start, r.block_ids))
             if sched.samples:
                 sample_rows.append(i)
                 # Counts the pending token too: the same number before and after `prev` is finished.
-                counters.append(r.num_output_tokens + r.num_pending - 1)
+                counters.append(len(r.output_token_ids) + r.num_pending - 1)
                 reads_host = reads_host or _samples_from_its_tokens(r)
             if r.sampling_params.prompt_logprobs is not None:
                 # A preempted request recomputes its prompt: positions it already has are skipped.
                 first = max(start, len(r.prompt_logprobs))
-                last = min(start + sched.num_new_tokens, r.num_prompt_tokens - 1)
+                last = min(start + num_new, r.num_prompt_tokens - 1)
                 if last > first:
                     prompt_spans.append((i, first, last))
         step = LaunchedStep(num_rows=len(seqs), sample_rows=sample_rows, counters=counters,
                             sample_row={out.scheduled[row].request.request_id: j for j, row in enumerate(sample_rows)})
         if not seqs:
             return step
+        table_rows = self.block_tables.rows([s.request.request_id for s in out.scheduled], [b for _, _, b in seqs])
         with self._on_stream():
             fill = self._carry_tokens(carried, prev) if carried else None
-            hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill)
+            hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill, table_rows)
             if prompt_spans:
                 step.prompt_logprobs = self._prompt_logprobs(hidden, meta, prompt_spans, out)
             if sample_rows and prev is not None and reads_host:
@@ -393,8 +394,9 @@ class ModelRunner:
             if r.grammar is not None and live:
                 grammars.append(r.grammar)
                 grammar_rows.append(j)
-            rows.append(SamplingRow(r.sampling_params, r.seed, step.counters[j],
-                                    banned_ids=r.banned_token_ids() if live else (),
+            p = r.sampling_params
+            bans = live and (r.bad_words_ids or len(r.output_token_ids) < p.min_tokens)  # see banned_token_ids
+            rows.append(SamplingRow(p, r.seed, step.counters[j], banned_ids=r.banned_token_ids() if bans else (),
                                     token_ids=r.all_token_ids, num_prompt_tokens=r.num_prompt_tokens))
         step.logprobs_wanted = [r.params.logprobs for r in rows]
         md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
@@ -433,10 +435,18 @@ class ModelRunner:
         if prev.sampled is None:
             raise RuntimeError("the step in flight was never sampled: sample() it before the next launch")
         tokens = prev.sampled.token_ids
+        rows = np.array(carried, dtype=np.int64).reshape(-1, 2)  # (row here, row in prev)
+        n = len(rows)
 
         def fill(input_ids: torch.Tensor, query_start: list[int]) -> None:
-            dst = torch.tensor([query_start[row + 1] - 1 for row, _ in carried]).to(self.device, non_blocking=True)
-            src = torch.tensor([j for _, j in carried]).to(self.device, non_blocking=True)
+            # Usually every row is a decode carried from the same row of `prev`: one plain copy.
+            if query_start[n] == n and (rows[:, 0] == rows[:, 1]).all() and (rows[:, 0] == np.arange(n)).all():
+                input_ids[:n].copy_(tokens[:n])
+                return
+            index = self.buf_carry.np[: 2 * n].reshape(2, n)
+            index[0] = np.asarray(query_start, dtype=np.int64)[rows[:, 0] + 1] - 1
+            index[1] = rows[:, 1]
+            dst, src = self.buf_carry.upload(2 * n).view(2, n)
             input_ids.index_copy_(0, dst, tokens.index_select(0, src))
 
         return fill
@@ -500,6 +510,9 @@ class ModelRunner:
             return result
 
         return collect
+
+
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 def _samples_from_its_tokens(request) -> bool:
