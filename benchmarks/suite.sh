@@ -37,6 +37,7 @@ SERVE="--num-prompts 400 --input-len 100 1024 --output-len 100 1024"
 PEER=""
 OFFLINE="--num-prompts 256 --input-len 100 1024 --output-len 100 1024"
 LATENCY="--input-len 512 --output-len 128"
+FILL_THREADS="1 4 8"
 if [ -n "${SMOKE:-}" ]; then
   export OMP_NUM_THREADS=1  # small CPU machines: OpenMP threads waiting on a busy core slow every matmul
   MODEL=aio_engine/default_model COMMON="--max-model-len 1024" LATENCY_MODELS=$MODEL
@@ -45,6 +46,7 @@ if [ -n "${SMOKE:-}" ]; then
   PEER="--prompt-len 32 --output-len 16 --num-prompts 8 --hf-num-prompts 4 --input-range 16 64 --output-range 8 32 --max-model-len 256"
   OFFLINE="--num-prompts 8 --input-len 16 64 --output-len 16 64"
   LATENCY="--input-len 32 --output-len 8 --num-iters 2"
+  FILL_THREADS="1 2"
 fi
 PY=${PYTHON:-python3}
 T0=$(date +%s)
@@ -119,7 +121,7 @@ for part in "${parts[@]}"; do
       run "$part" 150 $PY benchmarks/$part.py --json "$B/$part.tmp.json"
       json_line "$part" "$B/$part.tmp.json" ;;
     structured)
-      run structured 150 $PY benchmarks/structured.py --mode engine --json "$B/structured.tmp.json"
+      run structured 200 $PY benchmarks/structured.py --mode engine --fill-threads $FILL_THREADS --json "$B/structured.tmp.json"
       json_line structured "$B/structured.tmp.json" ;;
     *)
       echo "suite: unknown part $part" | tee -a "$B/suite.log"

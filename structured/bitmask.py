@@ -1,10 +1,20 @@
 """BatchBitmask: one step's token bitmask, filled on the CPU and applied to the logits' rows.
 
-Layout (xgrammar's): int32 [max_rows, ceil(vocab_size / 32)], bit j of word w allows token
-32 * w + j. Row r belongs to logits row r, so only the rows of constrained sequences are filled,
-copied and masked; unconstrained rows are never touched. The host buffer is allocated once
-(pinned on CUDA) with its device twin; apply() copies the filled rows non-blocking on the
-current stream and masks the logits there, just before sampling.
+Layout (xgrammar's): int32 [max_rows, words], bit j of word w allows token 32 * w + j. Row r
+belongs to logits row r, so only the rows of constrained sequences are filled, copied and
+masked; unconstrained rows are never touched.
+
+Widths: the logits are as wide as the model's vocabulary (vocab_size), which is often padded
+past the tokenizer's (Qwen3: 151,936 rows, 151,669 tokens). xgrammar fills only the host buffer,
+as wide as the grammars' TokenizerInfo (structured/compiler.py): its fill costs time per id, so
+the padding ids are kept from it (the embedded 4096-token tokenizer on Qwen3's 151,936 rows:
+244 us a row in a JSON string with them, 4 us without). Ids past the host buffer's words are
+padding and never allowed: on CUDA the device mask is as wide as the logits, its words past the
+host's are zeroed once and never written; on the CPU the padding columns are set to -inf.
+
+The host buffer (pinned on CUDA) is sized on the first fill, to the grammars' vocabulary; the
+device mask is allocated once. apply() copies the filled rows non-blocking on the current
+stream and masks the logits there, just before sampling.
 
 Ordering on CUDA: fill() for step N+1 needs the tokens of step N on the host, which the
 engine gets only after step N's sampling (queued after apply()'s copy) has finished, so the
@@ -28,14 +38,14 @@ class BatchBitmask:
                  fill_threads: int | str = 1) -> None:
         if max_rows < 1 or vocab_size < 1:
             raise ValueError(f"BatchBitmask needs max_rows >= 1 and vocab_size >= 1, got {max_rows}, {vocab_size}")
-        self.max_rows, self.vocab_size = max_rows, vocab_size
+        self.max_rows, self.vocab_size = max_rows, vocab_size  # vocab_size: the logits' width
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
-        num_words = (vocab_size + 31) // 32
-        self.host = torch.full((max_rows, num_words), -1, dtype=torch.int32, pin_memory=on_cuda)  # [max_rows, words]
+        self.host = torch.zeros(max_rows, 0, dtype=torch.int32)  # [max_rows, tokenizer words], sized by fill()
         self._rows_host = torch.zeros(max_rows, dtype=torch.int32, pin_memory=on_cuda)  # [max_rows]
         if on_cuda:
-            self._mask_device = torch.empty_like(self.host, device=self.device)
+            words = (vocab_size + 31) // 32
+            self._mask_device = torch.zeros(max_rows, words, dtype=torch.int32, device=self.device)  # [max_rows, words]
             self._rows_device = torch.empty_like(self._rows_host, device=self.device)
             self._uploaded = torch.cuda.Event()
         self._uploading = False
@@ -59,6 +69,8 @@ class BatchBitmask:
         if rows and (min(rows) < 0 or max(rows) >= self.max_rows or len(set(rows)) != len(rows)):
             raise ValueError(f"fill: rows must be distinct and in [0, {self.max_rows}), got {rows}")
         self._wait_upload()
+        if grammars:
+            self._fit(grammars[0].vocab_size)
         live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
         if len(live) == len(grammars):
             if grammars:
@@ -90,18 +102,32 @@ class BatchBitmask:
         if max(self._rows) >= logits.shape[0]:
             raise ValueError(f"apply: row {max(self._rows)} is past the {logits.shape[0]} logits rows")
         if logits.device.type == "cpu":
-            xgr.apply_token_bitmask_inplace(logits, self.host, indices=self._rows, vocab_size=self.vocab_size)
+            width = min(32 * self.host.shape[1], self.vocab_size)
+            xgr.apply_token_bitmask_inplace(logits, self.host, indices=self._rows, vocab_size=width)
+            if width < self.vocab_size:
+                logits[self._rows, width:] = float("-inf")  # padding ids
             return
         self._wait_upload()
         count, top = len(self._rows), max(self._rows) + 1
         self._rows_host[:count].copy_(torch.tensor(self._rows, dtype=torch.int32))
         # Both copies and the masking are queued on the current stream, in order: no host sync.
-        self._mask_device[:top].copy_(self.host[:top], non_blocking=True)
+        self._mask_device[:top, : self.host.shape[1]].copy_(self.host[:top], non_blocking=True)
         self._rows_device[:count].copy_(self._rows_host[:count], non_blocking=True)
         self._uploaded.record()
         self._uploading = True
         xgr.apply_token_bitmask_inplace(logits, self._mask_device, indices=self._rows_device[:count],
                                         vocab_size=self.vocab_size)
+
+    def _fit(self, vocab_size: int) -> None:
+        """Size the host buffer to the grammars' vocabulary (one tokenizer's: once per engine)."""
+        if vocab_size > self.vocab_size:
+            raise ValueError(f"fill: the grammars' vocabulary ({vocab_size}) is wider than the logits ({self.vocab_size})")
+        words = (vocab_size + 31) // 32
+        if words == self.host.shape[1]:
+            return
+        self.host = torch.zeros(self.max_rows, words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self._mask_device.zero_()  # no word of a wider vocabulary before may stay behind
 
     def _wait_upload(self) -> None:
         # Normally already done (see the module docstring); only then may the host buffers change.
@@ -111,15 +137,20 @@ class BatchBitmask:
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """bool [rows, vocab_size]: True where the packed int32 bitmask [rows, words] allows the token."""
+    """bool [rows, vocab_size]: True where the packed int32 bitmask [rows, words] allows the token.
+
+    Ids past the bitmask's words (a model's padding ids) are not allowed.
+    """
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
-    return bits.flatten(-2)[..., :vocab_size].bool()
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool()  # [rows, words, 32]
+    allowed = bits.flatten(-2)[..., :vocab_size]
+    return torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[-1]))
 
 
 def apply_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
                             indices: Sequence[int] | None = None) -> None:
-    """Plain-torch apply_token_bitmask_inplace: the reference the tests hold xgrammar's to."""
+    """Plain-torch apply_token_bitmask_inplace: the reference the tests hold xgrammar's and
+    BatchBitmask's to. Ids past the bitmask's words are masked too."""
     rows = torch.arange(logits.shape[0]) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
     rows = rows.to(logits.device)
     allowed = unpack_bitmask(bitmask.to(logits.device)[rows], logits.shape[-1])  # [len(rows), vocab]

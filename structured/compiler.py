@@ -1,10 +1,11 @@
 """GrammarCompilerService: compiles GrammarSpecs with xgrammar, off the event loop, through an LRU.
 
-It owns the tokenizer's xgrammar TokenizerInfo (built once, padded to the model's vocabulary),
-one xgrammar GrammarCompiler, a bounded LRU of compiled grammars keyed by GrammarSpec, and a
-small thread pool. Concurrent requests for one spec share one in-flight compile. xgrammar
-releases the GIL while it compiles, so the event loop keeps running meanwhile. Matchers
-(structured/matcher.py) and bitmasks (structured/bitmask.py) are built elsewhere.
+It owns the tokenizer's xgrammar TokenizerInfo (built once, as wide as the tokenizer: the
+model's padding ids are left to structured/bitmask.py), one xgrammar GrammarCompiler, a bounded
+LRU of compiled grammars keyed by GrammarSpec, and a small thread pool. Concurrent requests for
+one spec share one in-flight compile. xgrammar releases the GIL while it compiles, so the event
+loop keeps running meanwhile. Matchers (structured/matcher.py) and bitmasks
+(structured/bitmask.py) are built elsewhere.
 """
 
 from __future__ import annotations
@@ -31,22 +32,30 @@ def build_tokenizer_info(tokenizer, vocab_size: int | None = None,
                          stop_token_ids: list[int] | None = None) -> xgr.TokenizerInfo:
     """xgrammar's view of a Hugging Face tokenizer, with special tokens made unusable in text.
 
-    vocab_size is the model's (its lm_head width); ids past the tokenizer's vocabulary are
-    padding, which xgrammar never allows. xgrammar reads special tokens such as <|im_start|>
-    as their literal text, so it would let them appear inside a JSON string, and the
-    detokenizer (skipping special tokens) would then drop them from the output. Blanking their
-    text makes xgrammar treat them as special: never allowed, except stop tokens at the end.
+    vocab_size is the model's (its lm_head width). The TokenizerInfo covers only the tokenizer's
+    ids (up to the model's width), rounded up to whole 32-token bitmask words: xgrammar's fill
+    costs time per id, padding ids included, so the ids past that are never shown to it and
+    BatchBitmask disallows them on its own. The few ids of the rounding get empty text, which
+    xgrammar treats as special, so its last bitmask word never allows an id the tokenizer lacks.
+
+    xgrammar reads special tokens such as <|im_start|> as their literal text, so it would let
+    them appear inside a JSON string, and the detokenizer (skipping special tokens) would then
+    drop them from the output. Blanking their text makes xgrammar treat them as special: never
+    allowed, except stop tokens at the end.
     """
     stop = [stop_token_ids] if isinstance(stop_token_ids, int) else stop_token_ids
-    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
-    encoded = [""] * detected.vocab_size
-    for token, index in tokenizer.get_vocab().items():
-        if index < detected.vocab_size:
+    vocab = tokenizer.get_vocab()
+    tokens = max(vocab.values()) + 1  # added and special tokens included
+    size = min((tokens + 31) // 32 * 32, vocab_size or tokens)
+    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size, stop_token_ids=stop)
+    encoded = [""] * size
+    for token, index in vocab.items():
+        if index < size:
             encoded[index] = token
     for index in tokenizer.all_special_ids:
-        if index < detected.vocab_size:
+        if index < size:
             encoded[index] = ""
-    return xgr.TokenizerInfo(encoded, vocab_type=detected.vocab_type, vocab_size=detected.vocab_size,
+    return xgr.TokenizerInfo(encoded, vocab_type=detected.vocab_type, vocab_size=size,
                              stop_token_ids=list(detected.stop_token_ids),
                              add_prefix_space=detected.add_prefix_space)
 
@@ -61,6 +70,7 @@ class GrammarCompilerService:
         base = config or StructuredOutputsConfig()
         self.config = StructuredOutputsConfig(**{**base.__dict__, **overrides}) if overrides else base
         self.tokenizer_info = build_tokenizer_info(tokenizer, vocab_size, stop_token_ids)
+        self._vocab_size = vocab_size or self.tokenizer_info.vocab_size
         # xgrammar's own cache is unbounded; ours is the one cache, so it is turned off.
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=self.config.compile_threads,
                                              cache_enabled=False)
@@ -73,7 +83,8 @@ class GrammarCompilerService:
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer_info.vocab_size
+        """The model's vocabulary (the logits' width); tokenizer_info.vocab_size may be smaller."""
+        return self._vocab_size
 
     @property
     def stop_token_ids(self) -> list[int]:

@@ -22,11 +22,12 @@ import xgrammar as xgr
 class RequestGrammar:
     """A grammar matcher with a token count, so that rollbacks are checked before xgrammar sees them."""
 
-    __slots__ = ("matcher", "num_tokens", "stop_token_ids")
+    __slots__ = ("matcher", "num_tokens", "stop_token_ids", "vocab_size")
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.stop_token_ids: list[int] = list(self.matcher.stop_token_ids)
+        self.vocab_size = compiled.tokenizer_info.vocab_size  # the bitmask row's width in tokens
         self.num_tokens = 0  # tokens accepted (the stop token included) and not rolled back
 
     @property
@@ -72,7 +73,8 @@ class RequestGrammar:
         self.num_tokens = 0
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write this sequence's allowed next tokens into bitmask[row] (a CPU int32 tensor)."""
+        """Write this sequence's allowed next tokens into bitmask[row] (a CPU int32 tensor of
+        ceil(vocab_size / 32) words per row)."""
         if self.is_terminated:
             fill_stop_row(bitmask, row, self.stop_token_ids)
         else:

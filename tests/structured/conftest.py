@@ -21,6 +21,7 @@ from structured import (
 MODEL_DIR = Path(__file__).resolve().parents[2] / "aio_engine" / "default_model"
 VOCAB = 4096  # the default model's config.json vocab_size, equal to its tokenizer's
 PADDED_VOCAB = VOCAB + 64  # an lm_head wider than the tokenizer: ids 4096.. are padding
+ODD_VOCAB = 4101  # the odd_tokenizer's
 EOS = 0  # <|endoftext|>; ids 1 and 2 are the other special tokens (<|im_start|>, <|im_end|>)
 
 
@@ -29,6 +30,17 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def odd_tokenizer():
+    """The default tokenizer plus 5 text tokens (ids 4096-4100): 4101 tokens, not whole bitmask words."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer.add_tokens([f"qqq{i}" for i in range(5)])
+    assert len(tokenizer) == ODD_VOCAB
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,16 @@ import xgrammar as xgr
 
 from structured import (
     BatchBitmask,
+    GrammarCompilerService,
     RequestGrammar,
     StructuredOutputsParams,
     apply_bitmask_reference,
+    build_tokenizer_info,
     unpack_bitmask,
 )
 from structured.matcher import fill_stop_row
 
-from .conftest import EOS, PADDED_VOCAB, VOCAB
+from .conftest import EOS, ODD_VOCAB, PADDED_VOCAB, VOCAB
 
 
 def test_unpack_reads_bit_j_of_word_w_as_token_32w_plus_j():
@@ -133,3 +135,42 @@ def test_fill_threads_must_be_a_positive_integer():
         with pytest.raises(ValueError, match="fill_threads"):
             StructuredOutputsConfig(fill_threads=bad)
     assert StructuredOutputsConfig(fill_threads=4).fill_threads == 4
+
+
+@pytest.mark.parametrize("vocab_size, info_vocab", [(ODD_VOCAB + 50, 4128), (4117, 4117), (None, ODD_VOCAB)])
+def test_tokenizer_info_covers_the_tokenizer_in_whole_words_within_the_model(odd_tokenizer, vocab_size, info_vocab):
+    info = build_tokenizer_info(odd_tokenizer, vocab_size)
+    assert info.vocab_size == info_vocab
+    # The ids of the rounding have no text: xgrammar treats them as special, never allowed.
+    assert set(info.special_token_ids) == {1, 2, *range(ODD_VOCAB, info_vocab)}
+
+
+@pytest.mark.parametrize("vocab_size", [ODD_VOCAB + 50, 4117])  # the rounding inside the logits, or past them
+def test_padding_ids_are_never_allowed_even_with_huge_logits(odd_tokenizer, vocab_size):
+    """A model vocabulary and a tokenizer vocabulary that are not whole bitmask words: the padding
+    ids are masked in constrained rows, the applied mask equals the reference, other rows are untouched."""
+    service = GrammarCompilerService(odd_tokenizer, vocab_size)
+    try:
+        in_string = RequestGrammar(service.compile_sync(StructuredOutputsParams(json_object=True)))
+        assert in_string.accept_tokens(odd_tokenizer.encode('{"a": "x', add_special_tokens=False))
+        done = RequestGrammar(service.compile_sync(StructuredOutputsParams(choice=["ok"])))
+        assert done.accept_tokens(odd_tokenizer.encode("ok", add_special_tokens=False) + [EOS])
+        fresh = RequestGrammar(service.compile_sync(StructuredOutputsParams(regex="qqq[0-4]")))
+        rows = [4, 0, 2]
+        bitmask = BatchBitmask(6, vocab_size)
+        gen = torch.Generator().manual_seed(vocab_size)
+        for _ in range(3):  # refilled each step, the JSON string growing
+            bitmask.fill([in_string, done, fresh], rows)
+            logits = torch.randn(5, vocab_size, generator=gen)  # [rows, vocab]
+            logits[:, ODD_VOCAB:] = 1e4
+            expected, got = logits.clone(), logits.clone()
+            apply_bitmask_reference(expected, bitmask.host, rows)
+            bitmask.apply(got)
+            assert torch.equal(got, expected)
+            assert torch.equal(got[[1, 3]], logits[[1, 3]])
+            assert not torch.isfinite(got[rows, ODD_VOCAB:]).any()
+            assert torch.isfinite(got[0]).nonzero().flatten().tolist() == [EOS]
+            assert torch.isfinite(got[2, 4096:ODD_VOCAB]).all()  # the added tokens, in the last partial word
+            assert in_string.accept_token(int(got[4].argmax()))
+    finally:
+        service.close()
