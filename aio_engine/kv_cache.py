@@ -110,10 +110,11 @@ class KVCacheManager:
     # --- allocation ---
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Make the request's blocks cover num_computed + num_new tokens; False (nothing changed) if short."""
-        if not cached_blocks:  # the common decode case: usually no new block at all
-            new = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-            if new <= 0:
-                return True
+        if not cached_blocks:
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(request.block_ids) * self.block_size:
+                return True  # the common decode case: the last block still has room
+            new = self.blocks_needed(num_tokens) - len(request.block_ids)
             if new > self.num_free_blocks:
                 return False
             request.block_ids.extend(self._take_free_block() for _ in range(new))
