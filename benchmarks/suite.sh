@@ -37,7 +37,7 @@ SERVE="--num-prompts 400 --input-len 100 1024 --output-len 100 1024"
 PEER=""
 OFFLINE="--num-prompts 256 --input-len 100 1024 --output-len 100 1024"
 LATENCY="--input-len 512 --output-len 128"
-FILL_THREADS="1 4 8"
+FILL_THREADS="1 4"
 if [ -n "${SMOKE:-}" ]; then
   export OMP_NUM_THREADS=1  # small CPU machines: OpenMP threads waiting on a busy core slow every matmul
   MODEL=aio_engine/default_model COMMON="--max-model-len 1024" LATENCY_MODELS=$MODEL
