@@ -102,7 +102,7 @@ class EngineArgs:
     max_cudagraph_capture_size: int | None = arg(None, f"Largest batch captured in a CUDA graph (default {DEFAULT_MAX_CAPTURE_SIZE}; also capped by --max-num-seqs and --max-num-batched-tokens).", group="compilation")
     compilation_config: dict = arg({}, f"JSON settings of compilation and CUDA graphs: mode (none|compile; on CPU only when given), cudagraph_mode (NONE|PIECEWISE|FULL|FULL_DECODE_ONLY|FULL_AND_PIECEWISE), cudagraph_capture_sizes, max_cudagraph_capture_size, pass_config {{enable_fusion}}, inductor_compile_config, cache_dir (compiled code kept across starts; default {DEFAULT_CACHE_DIR}). Keys set here win over -O's defaults.", group="compilation")
     # structured outputs
-    structured_outputs_config: dict = arg({}, "JSON settings of grammar-constrained decoding: backend, disable_any_whitespace, disable_additional_properties, max_cache_entries, compile_threads, compile_workers, fill_threads (xgrammar's threads for the per-step bitmask fill, default 1).", group="structured_outputs")
+    structured_outputs_config: dict = arg({}, "JSON settings of grammar-constrained decoding: backend, disable_any_whitespace, disable_additional_properties, max_cache_entries, compile_threads, compile_workers, fill_threads (xgrammar's threads for the per-step bitmask fill, default a quarter of the cores, 1 to 4).", group="structured_outputs")
     # parallel
     tensor_parallel_size: int = arg(1, "GPUs per model replica.", group="parallel")
     data_parallel_size: int = arg(1, "Model replicas.", group="parallel")

@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="library: bitmask steps")
     parser.add_argument("--fill-threads", nargs="+", default=["1"],
-                        help="threads for one batch fill: integers (the engine's default: 1), or auto for "
+                        help="threads for one batch fill: integers (the engine's default: a quarter of the cores, 1 to 4), or auto for "
                              "xgrammar's (half the host's cores); engine mode runs the constrained batch once "
                              "per value, library mode uses the first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

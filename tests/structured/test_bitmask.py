@@ -174,3 +174,11 @@ def test_padding_ids_are_never_allowed_even_with_huge_logits(odd_tokenizer, voca
             assert in_string.accept_token(int(got[4].argmax()))
     finally:
         service.close()
+
+
+def test_fill_threads_default_is_a_quarter_of_the_cores_from_one_to_four(monkeypatch):
+    import structured.config as config
+
+    for cores, threads in ((None, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)):
+        monkeypatch.setattr(config.os, "cpu_count", lambda cores=cores: cores)
+        assert config.StructuredOutputsConfig().fill_threads == threads
