@@ -328,6 +328,7 @@ class ModelRunner:
             buf.flip()
         self.buf_sampled.flip()
         seqs = []
+        request_ids: list[str] = []
         sample_rows: list[int] = []
         counters: list[int] = []  # per sampling row: tokens before this one, the random stream's counter
         prompt_spans: list[tuple[int, int, int]] = []  # (row, first, last): positions whose next token is known
@@ -337,16 +338,17 @@ class ModelRunner:
         for i, sched in enumerate(out.scheduled):
             r = sched.request
             start, num_new = sched.start, sched.num_new_tokens
-            if start + num_new > len(r.all_token_ids):  # the last input is the token `prev` sampled
+            if start + num_new > r.num_tokens:  # the last input is the token `prev` sampled
                 tokens = r.all_token_ids[start:] + [0]
                 carried.append((i, prev_rows[r.request_id]))
             else:
                 tokens = r.all_token_ids[start : start + num_new]
             seqs.append((tokens, start, r.block_ids))
+            request_ids.append(r.request_id)
             if sched.samples:
                 sample_rows.append(i)
                 # Counts the pending token too: the same number before and after `prev` is finished.
-                counters.append(len(r.output_token_ids) + r.num_pending - 1)
+                counters.append(r.num_output_tokens + r.num_pending - 1)
                 reads_host = reads_host or _samples_from_its_tokens(r)
             if r.sampling_params.prompt_logprobs is not None:
                 # A preempted request recomputes its prompt: positions it already has are skipped.
@@ -355,10 +357,10 @@ class ModelRunner:
                 if last > first:
                     prompt_spans.append((i, first, last))
         step = LaunchedStep(num_rows=len(seqs), sample_rows=sample_rows, counters=counters,
-                            sample_row={out.scheduled[row].request.request_id: j for j, row in enumerate(sample_rows)})
+                            sample_row={request_ids[row]: j for j, row in enumerate(sample_rows)})
         if not seqs:
             return step
-        table_rows = self.block_tables.rows([s.request.request_id for s in out.scheduled], [b for _, _, b in seqs])
+        table_rows = self.block_tables.rows(request_ids, [b for _, _, b in seqs])
         with self._on_stream():
             fill = self._carry_tokens(carried, prev) if carried else None
             hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill, table_rows)
@@ -395,7 +397,7 @@ class ModelRunner:
                 grammars.append(r.grammar)
                 grammar_rows.append(j)
             p = r.sampling_params
-            bans = live and (r.bad_words_ids or len(r.output_token_ids) < p.min_tokens)  # see banned_token_ids
+            bans = live and (r.bad_words_ids or r.num_output_tokens < p.min_tokens)  # see banned_token_ids
             rows.append(SamplingRow(p, r.seed, step.counters[j], banned_ids=r.banned_token_ids() if bans else (),
                                     token_ids=r.all_token_ids, num_prompt_tokens=r.num_prompt_tokens))
         step.logprobs_wanted = [r.params.logprobs for r in rows]
