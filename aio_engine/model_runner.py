@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kernels.attention import AttentionMetadata
-from sampling.metadata import SamplingMetadata, SamplingRow
+from sampling.metadata import MetadataCache, SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplerOutput
 
@@ -65,6 +65,7 @@ class ModelRunner:
         # The forward and sampling run on their own stream; an event says when the ids are home.
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.sampler = Sampler()
+        self.sampling_metadata = MetadataCache()  # a decode step reuses the last step's, new keys only
         self.logprobs_mode = mc.logprobs_mode
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -401,8 +402,8 @@ class ModelRunner:
             rows.append(SamplingRow(p, r.seed, step.counters[j], banned_ids=r.banned_token_ids() if bans else (),
                                     token_ids=r.all_token_ids, num_prompt_tokens=r.num_prompt_tokens))
         step.logprobs_wanted = [r.params.logprobs for r in rows]
-        md = SamplingMetadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
-                                    getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler
+        md = self.sampling_metadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
+                                          getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler
         constrain = None
         if grammars:  # filled on the host while the GPU runs the forward
             self.bitmask.fill(grammars, grammar_rows)

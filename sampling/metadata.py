@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from copy import copy
 from itertools import compress, repeat
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ _COL = {name: i for i, name in enumerate(SAMPLER_COLUMNS)}
 TOP_P_WINDOW = 256  # candidates of a top-p row without top-k; wider nuclei take the exact search
 MAX_WINDOW_TOP_K = 1024  # a larger top-k takes the exact search instead of widening everyone's window
 _banned_ids = attrgetter("banned_ids")
+_params, _seed, _step = attrgetter("params"), attrgetter("seed"), attrgetter("step")
 _TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
           np.dtype(np.bool_): torch.bool}
 
@@ -209,6 +211,46 @@ def _send(up: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Te
         for name, view in zip(names, views):
             out[name] = view if up[name].ndim == 1 else view.view(up[name].shape)
     return out
+
+
+class MetadataCache:
+    """The last build's metadata, reused when the next step samples the same rows again.
+
+    A decode step usually samples the requests of the step before, in the same order: then
+    everything but the random keys (seed, step) is what it was, and the step uploads only the
+    new keys (nothing for an all-greedy batch). "The same rows" means the same SamplingParams
+    objects and seeds in the same order; a step with per-step data (banned ids, penalties'
+    token histories) always takes a full build, and is not kept.
+    """
+
+    def __init__(self) -> None:
+        self.md: SamplingMetadata | None = None
+        self.params: list[SamplingParams] = []
+        self.seeds: list[int] = []
+        self.seed_array = np.zeros(0, dtype=np.uint64)
+        self.context: tuple = ()
+        self.hits = 0
+
+    def build(self, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device,
+              logprobs_mode: str = "raw_logprobs", histories: TokenHistories | None = None) -> SamplingMetadata:
+        params, seeds = list(map(_params, rows)), list(map(_seed, rows))
+        context = (vocab_size, str(device), logprobs_mode)
+        last = self.md
+        if (last is not None and context == self.context and len(params) == len(self.params)
+                and all(map(is_, params, self.params)) and seeds == self.seeds and not any(map(_banned_ids, rows))):
+            self.hits += 1
+            md = copy(last)
+            if not md.all_greedy:
+                steps = np.fromiter(map(_step, rows), dtype=np.uint64, count=len(rows))
+                md.keys = _send({"keys": row_keys(self.seed_array, steps)}, torch.device(device))["keys"]
+            return md
+        md = SamplingMetadata.build(rows, vocab_size, device, logprobs_mode, histories)
+        if md.penalties is None and md.banned is None:
+            self.md, self.params, self.seeds, self.context = md, params, seeds, context
+            self.seed_array = np.array(seeds, dtype=np.uint64)
+        else:
+            self.md = None
+        return md
 
 
 class TokenHistories:

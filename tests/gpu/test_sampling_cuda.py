@@ -42,6 +42,12 @@ from tests.sampling.test_distribution import (  # noqa: F401
     test_draws_across_steps_of_one_seed_follow_the_distribution,
     test_draws_with_penalties_and_bias_follow_the_processed_distribution,
 )
+from tests.sampling.test_metadata_cache import (  # noqa: F401
+    test_a_step_with_banned_ids_is_built_fresh_and_not_kept,
+    test_other_rows_order_or_seeds_take_a_full_build,
+    test_penalized_rows_are_never_reused,
+    test_same_rows_reuse_the_metadata_and_draw_what_a_fresh_build_draws,
+)
 from tests.sampling.test_sampler import (  # noqa: F401
     random_others,
     test_a_seeded_row_draws_the_same_tokens_whatever_the_batch,

@@ -1,0 +1,79 @@
+"""MetadataCache: a step that samples the same rows as the last reuses its metadata with new
+random keys, and draws exactly what a fresh build draws; anything else takes a full build."""
+
+from __future__ import annotations
+
+import torch
+
+from sampling.metadata import MetadataCache, SamplingMetadata, SamplingRow, row_key
+from sampling.params import SamplingParams
+from sampling.sampler import Sampler
+
+from .reference import random_logits
+
+VOCAB = 300
+
+
+def rows_at(params, seeds, step, banned=None):
+    return [SamplingRow(p, s, step + i, banned_ids=(banned or {}).get(i, ())) for i, (p, s) in enumerate(zip(params, seeds))]
+
+
+def draw(logits, md, device):
+    return Sampler()(logits.to(device).clone(), md).token_ids.cpu()
+
+
+def test_same_rows_reuse_the_metadata_and_draw_what_a_fresh_build_draws(device):
+    params = [SamplingParams(temperature=0.9, top_k=20), SamplingParams(temperature=0), SamplingParams(temperature=1.2, top_p=0.8),
+              SamplingParams(temperature=0.7, min_p=0.1, logit_bias={5: 3.0})]
+    seeds = [11, 12, 13, 14]
+    cache = MetadataCache()
+    for step in range(6):
+        logits = random_logits(4, VOCAB, seed=100 + step)
+        rows = rows_at(params, seeds, step)
+        md = cache.build(rows, VOCAB, device)
+        fresh = SamplingMetadata.build(rows, VOCAB, device)
+        assert torch.equal(md.keys.cpu(), fresh.keys.cpu())
+        assert md.keys.cpu().tolist() == [row_key(s, step + i) for i, s in enumerate(seeds)]
+        assert torch.equal(draw(logits, md, device), draw(logits, fresh, device))
+    assert cache.hits == 5
+
+
+def test_other_rows_order_or_seeds_take_a_full_build(device):
+    a, b = SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=3)
+    cache = MetadataCache()
+    cache.build(rows_at([a, b], [1, 2], 0), VOCAB, device)
+    md = cache.build(rows_at([b, a], [2, 1], 1), VOCAB, device)  # reordered
+    assert cache.hits == 0 and md.num_candidates == 1 and md.candidate_rows.cpu().tolist() == [0]
+    cache.build(rows_at([b, a], [2, 3], 2), VOCAB, device)  # another request with the same params object
+    cache.build(rows_at([b, a, a], [2, 3, 4], 3), VOCAB, device)  # one more row
+    cache.build(rows_at([b, a, a], [2, 3, 4], 4), VOCAB, device, logprobs_mode="processed_logits")
+    assert cache.hits == 0
+    cache.build(rows_at([b, a, a], [2, 3, 4], 5), VOCAB, device, logprobs_mode="processed_logits")
+    assert cache.hits == 1
+
+
+def test_a_step_with_banned_ids_is_built_fresh_and_not_kept(device):
+    params, seeds = [SamplingParams(temperature=0)] * 2, [1, 2]
+    cache = MetadataCache()
+    cache.build(rows_at(params, seeds, 0), VOCAB, device)
+    logits = random_logits(2, VOCAB, seed=7)
+    top = logits.argmax(-1).tolist()
+    md = cache.build(rows_at(params, seeds, 1, banned={0: [top[0]]}), VOCAB, device)
+    assert cache.hits == 0 and md.banned is not None
+    assert draw(logits, md, device).tolist()[0] != top[0]
+    md = cache.build(rows_at(params, seeds, 2), VOCAB, device)  # the banned step was not kept
+    assert cache.hits == 0 and md.banned is None
+    assert draw(logits, md, device).tolist() == top
+    cache.build(rows_at(params, seeds, 3), VOCAB, device)
+    assert cache.hits == 1
+
+
+def test_penalized_rows_are_never_reused(device):
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3)]
+    cache = MetadataCache()
+    tokens = [1, 2, 3]
+    for step in range(3):
+        tokens.append(step)
+        md = cache.build([SamplingRow(params[0], 5, step, token_ids=tokens, num_prompt_tokens=3)], VOCAB, device)
+        assert md.penalties is not None
+    assert cache.hits == 0
