@@ -84,3 +84,63 @@ class BlockTables:
             self.free.append(row)
         self.row_of = kept
         return rows
+
+
+class DecodeInputs:
+    """The inputs of the FULL decode graphs, built on the host and sent in one copy per step.
+
+    One host buffer (two pinned halves that alternate, as StagingBuffer's) holds a step's int64
+    input ids, positions and KV slots, its int32 context lengths and its block tables packed
+    [rows, widest table of the step]; one non-blocking copy sends the used span to its device
+    twin, and one device copy spreads the packed tables into `tables`, whose fixed row stride the
+    graphs were captured with. A graph of `size` rows reads the first `size` of each (fixed
+    addresses). Query start offsets of a decode batch are 0..size: made once, on the device.
+    """
+
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
+        n = self.max_rows = max_rows
+        self.offset_lens = 3 * 8 * n
+        self.offset_tables = self.offset_lens + 8 * (-(-n // 2))  # 8-byte aligned
+        nbytes = self.offset_tables + 4 * n * max_blocks
+        pin = device.type == "cuda"
+        self.halves = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.host = [self._parts(h.numpy(), np) for h in self.halves]
+        self.device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.input_ids, self.positions, self.slots, self.seq_lens, self.packed = self._parts(self.device, torch)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.query_start_host = list(range(n + 1))
+        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.turn = 0
+
+    def _parts(self, buf, lib):
+        """(input_ids, positions, slots, seq_lens, packed tables) views of a numpy or torch byte buffer."""
+        n = self.max_rows
+        i64 = buf[: self.offset_lens].view(lib.int64)
+        lens = buf[self.offset_lens : self.offset_lens + 4 * n].view(lib.int32)
+        return i64[:n], i64[n : 2 * n], i64[2 * n :], lens, buf[self.offset_tables :].view(lib.int32)
+
+    def build(self, seqs, size: int, table_rows: np.ndarray, block_tables: BlockTables, block_size: int):
+        """seqs: (one token, position, _) per decode row, padded to `size` rows (one-token rows
+        that write no KV, slot -1, and attend to one slot of block 0) -> device (input_ids,
+        positions, slot_mapping, query_start, seq_lens, block_tables), and the host's seq_lens."""
+        self.turn ^= 1
+        ids, pos, slots, lens, packed = self.host[self.turn]
+        n = len(seqs)
+        ids[:n] = np.fromiter((t[0] for t, _, _ in seqs), dtype=np.int64, count=n)
+        pos[:n] = np.fromiter((p for _, p, _ in seqs), dtype=np.int64, count=n)
+        ids[n:size] = 0
+        pos[n:size] = 0
+        if n < size:
+            table_rows = np.concatenate([table_rows, np.full(size - n, BlockTables.PAD_ROW, dtype=np.int64)])
+        width = max(1, int(block_tables.count[table_rows].max()))
+        tables = packed[: size * width].reshape(size, width)
+        np.take(block_tables.table[:, :width], table_rows, axis=0, out=tables)
+        p = pos[:size]
+        slots[:size] = tables[np.arange(size), p // block_size].astype(np.int64) * block_size + p % block_size
+        slots[n:size] = -1
+        np.add(p, 1, out=lens[:size], casting="unsafe")
+        end = self.offset_tables + 4 * size * width
+        self.device[:end].copy_(self.halves[self.turn][:end], non_blocking=True)
+        self.tables[:size, :width].copy_(self.packed[: size * width].view(size, width), non_blocking=True)
+        return (self.input_ids[:size], self.positions[:size], self.slots[:size], self.query_start[: size + 1],
+                self.seq_lens[:size], self.tables[:size], lens[:size])

@@ -23,7 +23,7 @@ from sampling.metadata import MetadataCache, SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplerOutput
 
-from .batch_inputs import BlockTables, StagingBuffer
+from .batch_inputs import BlockTables, DecodeInputs, StagingBuffer
 from .compilation import PiecewiseForward, configure_caches, graph_capture, no_gc
 from .config import EngineConfig
 from .loader import load_model
@@ -70,6 +70,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # FULL decode graphs
+        self.decode_inputs: DecodeInputs | None = None  # their inputs, made with them
         self.graph_sizes: list[int] = []
         self.graph_replays = 0
         # -O1 and up: the model compiled between attention calls (its piecewise graphs come later).
@@ -160,28 +161,23 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # --- the step ---
-    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int], num_pad: int = 0,
+    def _build_batch(self, seqs: list[tuple[list[int], int, list[int]]], sample_rows: list[int],
                      table_rows: np.ndarray | None = None):
         """seqs: (token ids to compute, first position, block ids) per request -> device inputs.
-        `num_pad` one-token rows follow (a batch padded to a CUDA-graph size): they write no KV
-        (slot -1) and attend to one slot of block 0. `table_rows`: the requests' rows in
-        self.block_tables (the block ids in `seqs` are then not read)."""
-        num_seqs = len(seqs) + num_pad
-        lens = np.ones(num_seqs, dtype=np.int64)
-        lens[: len(seqs)] = np.fromiter(map(len, map(_first, seqs)), dtype=np.int64, count=len(seqs))
-        starts = np.zeros(num_seqs, dtype=np.int64)
-        starts[: len(seqs)] = np.fromiter(map(_second, seqs), dtype=np.int64, count=len(seqs))
+        `table_rows`: the requests' rows in self.block_tables (the block ids in `seqs` are then
+        not read). FULL decode graphs take theirs from DecodeInputs instead."""
+        num_seqs = len(seqs)
+        lens = np.fromiter(map(len, map(_first, seqs)), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter(map(_second, seqs), dtype=np.int64, count=num_seqs)
         num_tokens = int(lens.sum())
         query_start = self.buf_query_start.np[: num_seqs + 1]
         query_start[0] = 0
         np.cumsum(lens, out=query_start[1:])
         input_ids = self.buf_input_ids.np[:num_tokens]
         if num_tokens == num_seqs:  # decode rows only: one token each
-            input_ids[: len(seqs)] = np.fromiter((t[0] for t, _, _ in seqs), dtype=np.int64, count=len(seqs))
+            input_ids[:] = np.fromiter((t[0] for t, _, _ in seqs), dtype=np.int64, count=num_seqs)
         else:
-            input_ids[: num_tokens - num_pad] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64,
-                                                            count=num_tokens - num_pad)
-        input_ids[num_tokens - num_pad:] = 0
+            input_ids[:] = np.fromiter((tok for t, _, _ in seqs for tok in t), dtype=np.int64, count=num_tokens)
         # positions: each request's run start..start+len, built without a Python loop over tokens
         positions = self.buf_positions.np[:num_tokens]
         if num_tokens == num_seqs:
@@ -192,16 +188,12 @@ class ModelRunner:
             positions[:] = np.arange(num_tokens) - np.repeat(query_start[:-1], lens) + starts[seq_of_token]
         if table_rows is None:
             table_rows = self._table_rows_of(seqs)
-        if num_pad:
-            table_rows = np.concatenate([table_rows, np.full(num_pad, BlockTables.PAD_ROW)])
         width = max(1, int(self.block_tables.count[table_rows].max()))
         tables = self.buf_block_tables.np[: num_seqs * width].reshape(num_seqs, width)
         np.take(self.block_tables.table[:, :width], table_rows, axis=0, out=tables)
         slots = self.buf_slots.np[:num_tokens]
         slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
             + positions % self.block_size
-        if num_pad:
-            slots[num_tokens - num_pad:] = -1
         seq_lens = self.buf_seq_lens.np[:num_seqs]
         seq_lens[:] = starts + lens
         self.buf_logits_idx.np[: len(sample_rows)] = query_start[1:][sample_rows] - 1
@@ -229,8 +221,8 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """PIECEWISE graphs of the compiled pieces per token count (mixed and prefill batches), then
         FULL graphs of the whole forward (attention inside) for uniform decode batches, per capture
-        size. Inputs live in the staging buffers' device halves and in `graph_tables` (fixed
-        strides), so a replay only needs those refilled. Largest first, all in one memory pool.
+        size. The FULL graphs' inputs live in DecodeInputs (fixed addresses and strides), so a
+        replay only needs those refilled. Largest first, all in one memory pool.
         """
         compilation = self.config.compilation
         sizes = compilation.cudagraph_capture_sizes
@@ -254,13 +246,13 @@ class ModelRunner:
 
     def _capture_full_graphs(self, sizes: list[int], pool, progress: bool) -> None:
         start = time.perf_counter()
-        self.graph_tables = torch.zeros(max(sizes), self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        self.decode_inputs = DecodeInputs(max(sizes), self.max_blocks_per_seq, self.device)
         from tqdm.auto import tqdm
 
         with torch.cuda.stream(self.stream), no_gc():
             for size in tqdm(sorted(sizes, reverse=True), desc="Capturing CUDA graphs", unit="graph",
                              disable=not progress):
-                input_ids, positions, meta = self._graph_inputs([], size)
+                input_ids, positions, meta = self._graph_inputs([], size, np.zeros(0, dtype=np.int64))
                 for _ in range(2):  # warm up: Triton compiles, the allocator settles
                     self.model.compute_logits(self._model_forward(input_ids, positions, meta, use_graphs=False))
                 with graph_capture(torch.cuda.CUDAGraph(), pool, self.stream) as graph:
@@ -272,12 +264,15 @@ class ModelRunner:
         logger.info("captured %d CUDA graphs (batch %d..%d) in %.1fs", len(sizes), min(sizes), max(sizes),
                     time.perf_counter() - start)
 
-    def _graph_inputs(self, seqs, size: int, table_rows: np.ndarray | None = None):
-        """Fill the persistent inputs for a decode batch padded to `size` rows."""
-        input_ids, positions, meta, _ = self._build_batch(seqs, [], size - len(seqs), table_rows)
-        width = meta.block_tables.shape[1]
-        self.graph_tables[:size, :width].copy_(meta.block_tables, non_blocking=True)
-        meta.block_tables = self.graph_tables[:size]
+    def _graph_inputs(self, seqs, size: int, table_rows: np.ndarray):
+        """Fill the FULL graphs' persistent inputs for a decode batch padded to `size` rows."""
+        input_ids, positions, slots, query_start, seq_lens, tables, lens = self.decode_inputs.build(
+            seqs, size, table_rows, self.block_tables, self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=query_start, seq_lens=seq_lens, block_tables=tables,
+            max_query_len=1, max_seq_len=int(lens.max()),
+            query_start_loc_host=self.decode_inputs.query_start_host[: size + 1], seq_lens_host=lens.tolist(),
+        )
         return input_ids, positions, meta
 
     def _graph_size(self, seqs) -> int | None:
@@ -301,6 +296,8 @@ class ModelRunner:
         hidden is a view of the pieces' buffer: read it (enqueue its use) before the next forward."""
         size = self._graph_size(seqs)
         if size is not None and len(sample_rows) == len(seqs):
+            if table_rows is None:
+                table_rows = self._table_rows_of(seqs)
             input_ids, _, meta = self._graph_inputs(seqs, size, table_rows)
             if fill is not None:
                 fill(input_ids, meta.query_start_loc_host)

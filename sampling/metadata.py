@@ -11,8 +11,8 @@ the device between steps, so a step uploads only the tokens appended since the l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from copy import copy
+from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, is_, itemgetter
 

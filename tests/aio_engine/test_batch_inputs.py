@@ -1,10 +1,12 @@
-"""BlockTables: rows kept across steps must always equal each request's current block list."""
+"""BlockTables: rows kept across steps must always equal each request's current block list.
+DecodeInputs: the FULL decode graphs' inputs, padded rows included, on the device after one copy."""
 
 import random
 
 import numpy as np
+import torch
 
-from aio_engine.batch_inputs import BlockTables
+from aio_engine.batch_inputs import BlockTables, DecodeInputs
 from aio_engine.kv_cache import KVCacheManager
 from aio_engine.request import Request
 from sampling.params import SamplingParams
@@ -66,3 +68,30 @@ def test_random_steps_never_drift():
         assert len(set(rows.tolist())) == len(ids) and BlockTables.PAD_ROW not in rows.tolist()
         _check(tables, rows, [live[rid] for rid in ids])
     assert tables.count[BlockTables.PAD_ROW] == 1 and not tables.table[BlockTables.PAD_ROW].any()
+
+
+def test_decode_inputs_match_each_rows_blocks_and_position_and_pad_the_rest():
+    rng = random.Random(3)
+    block_size, max_blocks, max_rows = 4, 32, 16
+    tables = BlockTables(max_seqs=max_rows, max_blocks=max_blocks)
+    inputs = DecodeInputs(max_rows, max_blocks, torch.device("cpu"))
+    for step in range(60):  # sizes and widths up and down, so stale data from earlier steps is around
+        n = rng.randint(0, max_rows)
+        size = rng.choice([s for s in (1, 2, 4, 8, 16) if s >= n])
+        lists = [rng.sample(range(1, 500), rng.randint(1, max_blocks)) for _ in range(n)]
+        positions = [rng.randrange(len(b) * block_size) for b in lists]
+        seqs = [([rng.randrange(1000)], p, b) for p, b in zip(positions, lists)]
+        rows = tables.rows([f"r{step}-{i}" for i in range(n)], lists)
+        ids, pos, slots, query_start, seq_lens, block_tables, lens = inputs.build(seqs, size, rows, tables, block_size)
+        assert query_start.tolist() == list(range(size + 1))
+        assert ids.tolist() == [t[0] for t, _, _ in seqs] + [0] * (size - n)
+        assert pos.tolist() == positions + [0] * (size - n)
+        assert slots.tolist() == [b[p // block_size] * block_size + p % block_size for p, b in zip(positions, lists)] \
+            + [-1] * (size - n)
+        assert seq_lens.tolist() == lens.tolist() == [p + 1 for p in positions] + [1] * (size - n)
+        assert block_tables.shape == (size, max_blocks) and block_tables.stride(0) == max_blocks
+        for i, b in enumerate(lists):
+            assert block_tables[i, : len(b)].tolist() == b
+        assert not block_tables[n:, :1].any()  # padding attends to block 0
+        # Fixed addresses: a graph captured on these views reads every later step's inputs.
+        assert ids.data_ptr() == inputs.input_ids.data_ptr() and block_tables.data_ptr() == inputs.tables.data_ptr()
