@@ -3,7 +3,9 @@
 Memory-bound kernels report bytes moved / time against the measured device-copy ceiling
 (3.0 TB/s on the H100 here); prefill attention reports TFLOP/s beside torch's
 scaled_dot_product_attention (flash backend) on equal shapes. Times are medians of
-triton.testing.do_bench (CUDA events), inputs random, rotated where they would fit in L2.
+triton.testing.do_bench (CUDA events), inputs random, rotated where they would fit in L2;
+"graphed-decode" times small decode batches inside CUDA graphs (do_bench_cudagraph), where
+do_bench would measure the host's launch instead.
 
   python benchmarks/kernels.py --json out.json
 """
@@ -64,6 +66,26 @@ def decode_attention(rows: list) -> None:
         rows.append({"kernel": "decode attention", "shape": f"{batch}x{context} (32q/8kv heads, d128, bf16)",
                      "time_us": round(ms * 1e3, 1), "achieved": f"{bw / 1e12:.2f} TB/s",
                      "roofline_pct": round(100 * bw / PEAK_BW, 1)})
+
+
+def graphed_decode(rows: list) -> None:
+    """Decode attention timed inside CUDA graphs (as the engine's FULL graphs run it: no launch
+    overhead, which dominates do_bench at small batches), at qwen3-0.6b heads, the default
+    decode config beside 64 keys per tile."""
+    from kernels.attention import DECODE_CONFIG, _decode_splits
+
+    stream = torch.cuda.Stream()
+    for batch, context in [(1, 600), (8, 2000), (64, 300), (256, 1000)]:
+        q, kv, meta = paged_batch(batch, context - 1, 1, 16, 8, 128)
+        out = torch.empty_like(q)
+        splits = _decode_splits(batch, 8, q.device)
+        for config in (DECODE_CONFIG, (16, 64, 4, 3)):
+            with torch.cuda.stream(stream):
+                ms = triton.testing.do_bench_cudagraph(
+                    lambda config=config: paged_attention_triton(q, kv, meta, 0.088, out=out, config=config),
+                    rep=50, return_mode="median")
+            add_row(rows, f"decode attention in a CUDA graph, config {config}",
+                    f"{batch}x{context} (16q/8kv, d128, bf16, {splits} splits)", ms, 2 * batch * context * 8 * 128 * 2)
 
 
 def prefill_attention(rows: list) -> None:
@@ -146,11 +168,11 @@ def add_row(rows: list, name: str, shape: str, ms: float, nbytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--only", choices=["decode", "prefill", "elementwise", "sweep"])
+    parser.add_argument("--only", choices=["decode", "graphed-decode", "prefill", "elementwise", "sweep"])
     args = parser.parse_args()
     rows: list = []
-    for name, fn in (("decode", decode_attention), ("prefill", prefill_attention), ("elementwise", elementwise),
-                     ("sweep", sweep)):
+    for name, fn in (("decode", decode_attention), ("graphed-decode", graphed_decode), ("prefill", prefill_attention),
+                     ("elementwise", elementwise), ("sweep", sweep)):
         if args.only == name or (args.only is None and name != "sweep"):
             fn(rows)
             torch.cuda.empty_cache()
