@@ -37,6 +37,27 @@ def test_gpu_timeline_counts_overlaps_once_and_reports_the_gaps(tmp_path):
         ("gemm", 2, 0.2), ("attn", 1, 0.1), ("copy", 1, 0.01)]
 
 
+class FakeEvent:
+    def __init__(self, t_ms: float) -> None:
+        self.t = t_ms
+
+    def elapsed_time(self, other: FakeEvent) -> float:
+        return other.t - self.t
+
+
+def test_idle_from_events_sums_the_gap_before_each_steps_start():
+    from idle import idle_from_marks
+
+    # Step 1 ends at 2.0; step 2's inputs land at 2.0 (queued ahead: no gap), it ends at 4.0 (a
+    # late sampling, then the true end at 4.5); step 3's inputs land at 4.8 (0.3 ms idle), ends at 7.0.
+    marks = [("start", FakeEvent(0.1)), ("end", FakeEvent(2.0)), ("start", FakeEvent(2.0)), ("end", FakeEvent(4.0)),
+             ("end", FakeEvent(4.5)), ("start", FakeEvent(4.8)), ("end", FakeEvent(7.0))]
+    r = idle_from_marks(marks)
+    assert r["window_ms"] == 5.0 and r["steps"] == 2 and r["over_100us"] == 1
+    assert abs(r["idle_ms"] - 0.3) < 1e-9 and abs(r["idle_pct"] - 6.0) < 1e-9 and r["largest_us"] == [300.0, 0.0]
+    assert "gpu" in idle_from_marks([("start", FakeEvent(0)), ("end", FakeEvent(1))])
+
+
 def test_gpu_timeline_without_device_activity_is_not_applicable(tmp_path):
     from idle import gpu_timeline
 
