@@ -15,6 +15,7 @@
 #   throughput-O3 the same at -O3                                                        (~2-4 min)
 #   latency       batch 1, prompt 512, 128 out: qwen3-0.6b and llama-3.1-8b              (~1.5 min)
 #   kernels sampling structured   the micro-benchmarks (JSON lines appended to results.jsonl)
+#   graphed-decode  decode attention timed inside CUDA graphs, tile 32 vs 64 (kernels.py --only graphed-decode)
 # SUITE_BUDGET_S (default 540): the call's budget; a part gets min(its bound, what is left) and is
 # skipped when less than 45 s are left. MODEL (default benchmarks/models/qwen3-0.6b).
 # SMOKE=1: the same parts on the embedded model with tiny workloads (a CPU check of this script).
@@ -120,6 +121,9 @@ for part in "${parts[@]}"; do
     kernels | sampling)
       run "$part" 150 $PY benchmarks/$part.py --json "$B/$part.tmp.json"
       json_line "$part" "$B/$part.tmp.json" ;;
+    graphed-decode)
+      run "$part" 90 $PY benchmarks/kernels.py --only graphed-decode --json "$B/$part.tmp.json"
+      json_line kernels "$B/$part.tmp.json" ;;
     structured)
       run structured 200 $PY benchmarks/structured.py --mode engine --fill-threads $FILL_THREADS --json "$B/structured.tmp.json"
       json_line structured "$B/structured.tmp.json" ;;
