@@ -99,8 +99,9 @@ class DecodeInputs:
 
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
         n = self.max_rows = max_rows
-        self.offset_lens = 3 * 8 * n
-        self.offset_tables = self.offset_lens + 8 * (-(-n // 2))  # 8-byte aligned
+        self.stride = -(-n // 4) * 4  # every part starts 16-byte aligned (as Triton likes its pointers)
+        self.offset_lens = 3 * 8 * self.stride
+        self.offset_tables = self.offset_lens + 4 * self.stride
         nbytes = self.offset_tables + 4 * n * max_blocks
         pin = device.type == "cuda"
         self.halves = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
@@ -114,10 +115,10 @@ class DecodeInputs:
 
     def _parts(self, buf, lib):
         """(input_ids, positions, slots, seq_lens, packed tables) views of a numpy or torch byte buffer."""
-        n = self.max_rows
+        n, m = self.max_rows, self.stride
         i64 = buf[: self.offset_lens].view(lib.int64)
         lens = buf[self.offset_lens : self.offset_lens + 4 * n].view(lib.int32)
-        return i64[:n], i64[n : 2 * n], i64[2 * n :], lens, buf[self.offset_tables :].view(lib.int32)
+        return i64[:n], i64[m : m + n], i64[2 * m : 2 * m + n], lens, buf[self.offset_tables :].view(lib.int32)
 
     def build(self, seqs, size: int, table_rows: np.ndarray, block_tables: BlockTables, block_size: int):
         """seqs: (one token, position, _) per decode row, padded to `size` rows (one-token rows

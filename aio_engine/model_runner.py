@@ -247,6 +247,7 @@ class ModelRunner:
     def _capture_full_graphs(self, sizes: list[int], pool, progress: bool) -> None:
         start = time.perf_counter()
         self.decode_inputs = DecodeInputs(max(sizes), self.max_blocks_per_seq, self.device)
+        torch.cuda.synchronize()  # made on the default stream: ready before the capture stream uses it
         from tqdm.auto import tqdm
 
         with torch.cuda.stream(self.stream), no_gc():

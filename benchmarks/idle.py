@@ -142,7 +142,10 @@ class StepProbe:
 
 def idle_from_marks(marks) -> dict:
     """Sum, over the steps of the window, of the time from the last "end" event before a step's
-    "start" event to that start (events with elapsed_time in ms, as torch.cuda.Event)."""
+    "start" event to that start (events with elapsed_time in ms, as torch.cuda.Event). Idle
+    between steps only: a late sampling's wait inside a step, or a host too slow to launch a
+    step's kernels back to back, is not in it (the decode workload here samples in the launch
+    and replays one graph per step)."""
     first_end = last_end = None
     gaps = []
     for kind, event in marks:
@@ -151,7 +154,7 @@ def idle_from_marks(marks) -> dict:
             last_end = event
         elif last_end is not None:
             gaps.append(last_end.elapsed_time(event))
-    if first_end is None or first_end is last_end:
+    if first_end is None or first_end is last_end or not gaps:
         return {"gpu": "n/a (too few steps)"}
     window = first_end.elapsed_time(last_end)
     idle = sum(gaps)
@@ -370,7 +373,7 @@ def main() -> None:
             emit("idle", r, jsonl_path=ns.jsonl)
     config.scheduler.async_scheduling = built_with
 
-    print("\n| driver | async sched | batch | ms/step | host busy ms/step | ahead | GPU idle % (events, timed) | "
+    print("\n| driver | async sched | batch | ms/step | host busy ms/step | ahead | GPU idle % between steps (events, timed) | "
           "GPU idle % (profiler) | idle ms/step (profiler) | profiled ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         gpu, events = r["gpu"], r["timed"]["gpu_events"]

@@ -56,6 +56,7 @@ def test_idle_from_events_sums_the_gap_before_each_steps_start():
     assert r["window_ms"] == 5.0 and r["steps"] == 2 and r["over_100us"] == 1
     assert abs(r["idle_ms"] - 0.3) < 1e-9 and abs(r["idle_pct"] - 6.0) < 1e-9 and r["largest_us"] == [300.0, 0.0]
     assert "gpu" in idle_from_marks([("start", FakeEvent(0)), ("end", FakeEvent(1))])
+    assert "gpu" in idle_from_marks([("end", FakeEvent(1)), ("end", FakeEvent(2))])  # no step started: n/a, not 0%
 
 
 def test_gpu_timeline_without_device_activity_is_not_applicable(tmp_path):
