@@ -11,6 +11,11 @@ import numpy as np
 import torch
 
 
+def kv_slots(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """The KV-cache slot of each token: its row's block holding `positions` (int64, no overflow)."""
+    return tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+
 class StagingBuffer:
     """Flat host buffers (pinned on CUDA) and their device twin, all allocated once.
 
@@ -137,7 +142,7 @@ class DecodeInputs:
         tables = packed[: size * width].reshape(size, width)
         np.take(block_tables.table[:, :width], table_rows, axis=0, out=tables)
         p = pos[:size]
-        slots[:size] = tables[np.arange(size), p // block_size].astype(np.int64) * block_size + p % block_size
+        slots[:size] = kv_slots(tables, np.arange(size), p, block_size)
         slots[n:size] = -1
         np.add(p, 1, out=lens[:size], casting="unsafe")
         end = self.offset_tables + 4 * size * width

@@ -23,7 +23,7 @@ from sampling.metadata import MetadataCache, SamplingMetadata, SamplingRow
 from sampling.params import SamplingParams
 from sampling.sampler import Sampler, SamplerOutput
 
-from .batch_inputs import BlockTables, DecodeInputs, StagingBuffer
+from .batch_inputs import BlockTables, DecodeInputs, StagingBuffer, kv_slots
 from .compilation import PiecewiseForward, configure_caches, graph_capture, no_gc
 from .config import EngineConfig
 from .loader import load_model
@@ -192,8 +192,7 @@ class ModelRunner:
         tables = self.buf_block_tables.np[: num_seqs * width].reshape(num_seqs, width)
         np.take(self.block_tables.table[:, :width], table_rows, axis=0, out=tables)
         slots = self.buf_slots.np[:num_tokens]
-        slots[:] = tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
-            + positions % self.block_size
+        slots[:] = kv_slots(tables, seq_of_token, positions, self.block_size)
         seq_lens = self.buf_seq_lens.np[:num_seqs]
         seq_lens[:] = starts + lens
         self.buf_logits_idx.np[: len(sample_rows)] = query_start[1:][sample_rows] - 1
@@ -295,10 +294,10 @@ class ModelRunner:
         """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata).
         Uniform decode batches replay a FULL CUDA graph instead (hidden is then None). Compiled,
         hidden is a view of the pieces' buffer: read it (enqueue its use) before the next forward."""
+        if table_rows is None:
+            table_rows = self._table_rows_of(seqs)
         size = self._graph_size(seqs)
         if size is not None and len(sample_rows) == len(seqs):
-            if table_rows is None:
-                table_rows = self._table_rows_of(seqs)
             input_ids, _, meta = self._graph_inputs(seqs, size, table_rows)
             if fill is not None:
                 fill(input_ids, meta.query_start_loc_host)
@@ -395,9 +394,8 @@ class ModelRunner:
             if r.grammar is not None and live:
                 grammars.append(r.grammar)
                 grammar_rows.append(j)
-            p = r.sampling_params
-            bans = live and (r.bad_words_ids or r.num_output_tokens < p.min_tokens)  # see banned_token_ids
-            rows.append(SamplingRow(p, r.seed, step.counters[j], banned_ids=r.banned_token_ids() if bans else (),
+            rows.append(SamplingRow(r.sampling_params, r.seed, step.counters[j],
+                                    banned_ids=r.banned_token_ids() if live else (),
                                     token_ids=r.all_token_ids, num_prompt_tokens=r.num_prompt_tokens))
         step.logprobs_wanted = [r.params.logprobs for r in rows]
         md = self.sampling_metadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,

@@ -95,6 +95,8 @@ class Request:
     def banned_token_ids(self) -> list[int]:
         """Tokens this request may not sample next: stop tokens before min_tokens, bad-word endings."""
         params = self.sampling_params
+        if not self.bad_words_ids and self.num_output_tokens >= params.min_tokens:
+            return []  # the usual case, per sampling row per step
         banned: list[int] = []
         grammar_done = self.grammar is not None and self.grammar.is_completed
         if self.num_output_tokens < params.min_tokens and not grammar_done:  # a complete grammar allows only stops
