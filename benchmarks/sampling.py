@@ -1,14 +1,16 @@
 """Sampler benchmark at batch 256 over Qwen's 151,936-token vocabulary, float32 logits, beside the
 issue's goals (greedy under 150 us, top-k + top-p + penalties under 400 us on the H100).
 
-Per case: "sampler" is the Sampler alone on metadata built once (GPU time); "full call" is
-SamplingMetadata.build then the Sampler, as the engine runs them each step (GPU time, which
-includes the host's share wherever the host is the slower side); "engine call" is the same with
-the engine's MetadataCache, which a decode step that samples the rows of the step before hits
-(only the random keys are uploaded; a penalized batch is always built in full); "build" is the host time of
-SamplingMetadata.build alone, with one token appended to every row's list per build as in the
-engine; "sampler host" is the host time to enqueue the Sampler's work. Rows pass their token
-lists the way the runner does (SamplingRow.token_ids), with the Sampler's TokenHistories.
+Per case: "sampler" is the Sampler alone on metadata built once (GPU time); "sampler, graph" is
+the same replayed from a CUDA graph, which takes the host's launches out: the GPU's own time;
+"full call" is SamplingMetadata.build then the Sampler (GPU time, which includes the host's share
+wherever the host is the slower side); "engine call" is what the engine runs each decode step:
+one more token in every row's list, the build through the engine's MetadataCache (a step that
+samples the rows of the step before uploads the new random keys and, for penalized rows, the one
+new token each), then the Sampler; "engine build, host" is the host time of that build (the
+appends included), "build, host" the host time of a full SamplingMetadata.build with the same
+growing lists; "sampler, host" is the host time to enqueue the Sampler's work. Rows pass their
+token lists the way the runner does (SamplingRow.token_ids), with the Sampler's TokenHistories.
 
 GPU times are medians of triton.testing.do_bench (CUDA events). The sampler works on the logits
 in place, as in the engine, so nothing is copied per call.
@@ -60,6 +62,11 @@ def make_rows(params: dict, batch: int, vocab: int, num_output: int, seed: int =
             for i in range(batch)]
 
 
+def grown_rows(rows: list[SamplingRow]) -> list[SamplingRow]:
+    """Copies of the rows with lists of their own, for a loop that appends a token per step."""
+    return [SamplingRow(r.params, r.seed, r.step, token_ids=list(r.token_ids), num_prompt_tokens=PROMPT) for r in rows]
+
+
 def median_us(fn, device: torch.device, reps: int) -> float:
     if device.type == "cuda":
         import triton
@@ -72,6 +79,15 @@ def median_us(fn, device: torch.device, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
+
+
+def graph_us(fn, device: torch.device, reps: int) -> float | None:
+    """Median GPU time of fn replayed from a CUDA graph (no host launches); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median") * 1e3
 
 
 def host_us(fn, calls: int, device: torch.device) -> float:
@@ -102,16 +118,22 @@ def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
 
         md = build()
         full = median_us(lambda: sampler(logits, build()), device, reps)
-        cache = MetadataCache()
-        engine = median_us(lambda: sampler(logits, cache.build(rows, vocab, device, histories=sampler.histories)),
-                           device, reps)
         alone = median_us(lambda: sampler(logits, md), device, reps)
+        graphed = graph_us(lambda: sampler(logits, md), device, reps)
         enqueue = host_us(lambda: sampler(logits, md), 30, device)
-        # The build as the engine sees it: one more token in every row's list each step (copies,
-        # so that the timed loops above keep their fixed lists).
-        grown = [SamplingRow(r.params, r.seed, r.step, token_ids=list(r.token_ids), num_prompt_tokens=PROMPT)
-                 for r in rows]
-        fresh = Sampler()
+        # As the engine sees it: one more token in every row's list each step (copies of the
+        # rows, so that the loops above keep their fixed lists), through the MetadataCache.
+        grown = grown_rows(rows)
+        engine_sampler, cache = Sampler(), MetadataCache()
+
+        def engine_build():
+            for r in grown:
+                r.token_ids.append(7)
+            return cache.build(grown, vocab, device, histories=engine_sampler.histories)
+
+        engine = median_us(lambda: engine_sampler(logits, engine_build()), device, reps)
+        engine_host = host_us(engine_build, 50, device)
+        grown, fresh = grown_rows(rows), Sampler()
 
         def build_grown():
             for r in grown:
@@ -119,8 +141,9 @@ def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
             SamplingMetadata.build(grown, vocab, device, histories=fresh.histories)
 
         host = host_us(build_grown, 50, device)
-        results.append(dict(case=name, batch=batch, vocab=vocab, sampler_us=round(alone, 1), full_us=round(full, 1),
-                            engine_us=round(engine, 1),
+        results.append(dict(case=name, batch=batch, vocab=vocab, sampler_us=round(alone, 1),
+                            sampler_graph_us=None if graphed is None else round(graphed, 1), full_us=round(full, 1),
+                            engine_us=round(engine, 1), engine_build_us=round(engine_host, 1),
                             build_us=round(host, 1), sampler_host_us=round(enqueue, 1), goal_us=goal,
                             meets_goal=None if goal is None or device.type != "cuda" else engine < goal))
     return results
@@ -142,13 +165,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, batch {args.batch} x vocab {args.vocab}, float32 logits")
     results = run(args.batch, args.vocab, device, args.reps)
-    print("| case | sampler (us) | full call (us) | engine call (us) | build, host (us) | sampler, host (us) | goal (us) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | sampler (us) | sampler, graph (us) | full call (us) | engine call (us) | engine build, host (us) "
+          "| build, host (us) | sampler, host (us) | goal (us) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         verdict = {True: " (met)", False: " (MISSED)", None: ""}[r["meets_goal"]]  # the goals are for CUDA
         goal = "" if r["goal_us"] is None else f"< {r['goal_us']}{verdict}"
-        print(f"| {r['case']} | {r['sampler_us']} | {r['full_us']} | {r['engine_us']} | {r['build_us']} "
-              f"| {r['sampler_host_us']} | {goal} |")
+        graph = "n/a" if r["sampler_graph_us"] is None else r["sampler_graph_us"]
+        print(f"| {r['case']} | {r['sampler_us']} | {graph} | {r['full_us']} | {r['engine_us']} "
+              f"| {r['engine_build_us']} | {r['build_us']} | {r['sampler_host_us']} | {goal} |")
     if args.json:
         args.json.write_text(json.dumps(dict(device=name, results=results), indent=2))
 

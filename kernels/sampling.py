@@ -214,33 +214,42 @@ def gumbel_argmax(
 
 @triton.jit
 def _penalty_kernel(logits_ptr, stride, ids_ptr, ids_stride, ranges_ptr, factors_ptr, saved_ptr, num, width,
-                    PHASE: tl.constexpr, BLOCK: tl.constexpr):
-    # Three launches, one phase each (a phase must see every write of the one before):
-    # 0: swap each of the row's logits for -2**24; the one entry per logit that gets the real value
+                    BLOCK: tl.constexpr):
+    # One program per penalized row (rows never share a logits row), in three passes over its
+    # range, each seeing every write of the one before (a block barrier between them):
+    # 1: swap each of the row's logits for -2**24; the one entry per logit that gets the real value
     #    back is its writer (repeated ids get the sentinel), so nothing needs deduplicating;
-    # 1: add 1 per output occurrence (the count, exact in float32 whatever the atomics' order);
-    # 2: the writer reads the count and writes the penalized logit.
+    # 2: add 1 per output occurrence (the count, exact in float32 whatever the atomics' order);
+    # 3: the writer reads the count and writes the penalized logit.
     i = tl.program_id(0)
     begin = tl.load(ranges_ptr + 2 * num + i)
+    split = tl.load(ranges_ptr + 3 * num + i)
     end = tl.load(ranges_ptr + 4 * num + i)
-    pos = begin + tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = pos < end
-    ids = tl.load(ids_ptr + tl.load(ranges_ptr + num + i).to(tl.int64) * ids_stride + pos, mask=ok, other=0)
-    at = logits_ptr + tl.load(ranges_ptr + i).to(tl.int64) * stride + ids
-    saved = saved_ptr + i * width + (pos - begin)
-    if PHASE == 0:
-        bits = at.to(tl.pointer_type(tl.int32))  # (the interpreter exchanges integers only)
-        old = tl.atomic_xchg(bits, tl.full([BLOCK], _SENTINEL_BITS, tl.int32), mask=ok)
-        tl.store(saved, old.to(tl.float32, bitcast=True), mask=ok)
-    elif PHASE == 1:
-        tl.atomic_add(at, tl.full([BLOCK], 1.0, tl.float32), mask=ok & (pos >= tl.load(ranges_ptr + 3 * num + i)))
-    else:
-        x = tl.load(saved, mask=ok, other=_SENTINEL)
+    history = ids_ptr + tl.load(ranges_ptr + num + i).to(tl.int64) * ids_stride
+    row = logits_ptr + tl.load(ranges_ptr + i).to(tl.int64) * stride
+    saved = saved_ptr + i.to(tl.int64) * width - begin  # saved[pos] for pos in [begin, end)
+    for start in range(begin, end, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        ok = pos < end
+        bits = (row + tl.load(history + pos, mask=ok, other=0)).to(tl.pointer_type(tl.int32))
+        old = tl.atomic_xchg(bits, tl.full([BLOCK], _SENTINEL_BITS, tl.int32), mask=ok)  # (the interpreter
+        tl.store(saved + pos, old.to(tl.float32, bitcast=True), mask=ok)  # exchanges integers only)
+    tl.debug_barrier()
+    for start in range(tl.maximum(begin, split), end, BLOCK):  # output tokens only
+        pos = start + tl.arange(0, BLOCK)
+        ok = pos < end
+        tl.atomic_add(row + tl.load(history + pos, mask=ok, other=0), tl.full([BLOCK], 1.0, tl.float32), mask=ok)
+    tl.debug_barrier()
+    rep = tl.load(factors_ptr + i)
+    frequency, presence = tl.load(factors_ptr + num + i), tl.load(factors_ptr + 2 * num + i)
+    for start in range(begin, end, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        ok = pos < end
+        at = row + tl.load(history + pos, mask=ok, other=0)
+        x = tl.load(saved + pos, mask=ok, other=_SENTINEL)
         writer = ok & (x.to(tl.int32, bitcast=True) != _SENTINEL_BITS)
         count = tl.load(at, mask=writer) - _SENTINEL
-        rep = tl.load(factors_ptr + i)
         x = tl.where(x > 0, x / rep, x * rep)
-        frequency, presence = tl.load(factors_ptr + num + i), tl.load(factors_ptr + 2 * num + i)
         x = x - (frequency * count + presence * (count > 0).to(tl.float32))
         tl.store(at, x, mask=writer)
 
@@ -265,15 +274,13 @@ def apply_penalties_reference(logits, ids, ranges, factors, width):
     logits.index_copy_(0, rows, x)
 
 
-def apply_penalties_triton(logits, ids, ranges, factors, width):
+def apply_penalties_triton(logits, ids, ranges, factors, width, block: int = 1024):
     num = ranges.shape[1]
     if num == 0 or width == 0:
         return
-    block = min(1024, triton.next_power_of_2(width))
     saved = torch.empty(num, width, dtype=torch.float32, device=logits.device)
-    for phase in range(3):
-        _penalty_kernel[(num, triton.cdiv(width, block))](logits, logits.stride(0), ids, ids.stride(0), ranges, factors,
-                                                          saved, num, width, PHASE=phase, BLOCK=block, num_warps=4)
+    _penalty_kernel[(num,)](logits, logits.stride(0), ids, ids.stride(0), ranges, factors, saved, num, width,
+                            BLOCK=min(block, triton.next_power_of_2(width)), num_warps=4)
 
 
 def apply_penalties(

@@ -218,9 +218,11 @@ class MetadataCache:
 
     A decode step usually samples the requests of the step before, in the same order: then
     everything but the random keys (seed, step) is what it was, and the step uploads only the
-    new keys (nothing for an all-greedy batch). "The same rows" means the same SamplingParams
-    objects and seeds in the same order; a step with per-step data (banned ids, penalties'
-    token histories) always takes a full build, and is not kept.
+    new keys (nothing for an all-greedy batch) and, for penalized rows, the one token each
+    request appended since (TokenHistories.advance). "The same rows" means the same
+    SamplingParams objects and seeds in the same order; a step with banned ids, or whose
+    penalized rows did not each grow by exactly one token, takes a full build; a step with
+    banned ids is not kept.
     """
 
     def __init__(self) -> None:
@@ -229,6 +231,7 @@ class MetadataCache:
         self.seeds: list[int] = []
         self.seed_array = np.zeros(0, dtype=np.uint64)
         self.context: tuple = ()
+        self.histories: TokenHistories | None = None
         self.hits = 0
 
     def build(self, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device,
@@ -238,19 +241,41 @@ class MetadataCache:
         last = self.md
         if (last is not None and context == self.context and len(params) == len(self.params)
                 and all(map(is_, params, self.params)) and seeds == self.seeds and not any(map(_banned_ids, rows))):
-            self.hits += 1
-            md = copy(last)
-            if not md.all_greedy:
-                steps = np.fromiter(map(_step, rows), dtype=np.uint64, count=len(rows))
-                md.keys = _send({"keys": row_keys(self.seed_array, steps)}, torch.device(device))["keys"]
-            return md
+            up: dict[str, np.ndarray] = {}
+            width = 0
+            if last.penalties is None or (histories is not None and histories is self.histories
+                                          and (width := histories.advance(up, rows)) is not None):
+                self.hits += 1
+                md = copy(last)
+                if not md.all_greedy:
+                    steps = np.fromiter(map(_step, rows), dtype=np.uint64, count=len(rows))
+                    up["keys"] = row_keys(self.seed_array, steps)
+                t = _send(up, torch.device(device))
+                md.keys = t.get("keys")
+                if last.penalties is not None:
+                    md.penalties = histories.commit(t, width)
+                return md
         md = SamplingMetadata.build(rows, vocab_size, device, logprobs_mode, histories)
-        if md.penalties is None and md.banned is None:
+        if md.banned is None:
             self.md, self.params, self.seeds, self.context = md, params, seeds, context
             self.seed_array = np.array(seeds, dtype=np.uint64)
+            self.histories = histories
         else:
             self.md = None
         return md
+
+
+@dataclass
+class _LastBuild:
+    """TokenHistories' last build, as advance() repeats it."""
+
+    build: int
+    penalized: np.ndarray  # rows of the batch
+    list_ids: list[int]  # id() of each penalized row's token list
+    slots: np.ndarray
+    begin: np.ndarray
+    ranges: np.ndarray  # [5, P] int32, as uploaded
+    factors: np.ndarray  # [3, P] float32
 
 
 class TokenHistories:
@@ -271,6 +296,7 @@ class TokenHistories:
         self.free: list[int] = []
         self.builds = 0
         self.ids: torch.Tensor | None = None  # [slots, capacity] int32
+        self.last: _LastBuild | None = None  # what advance() needs to repeat the last build
 
     def _take(self, tokens) -> int:
         if not self.free:
@@ -331,9 +357,37 @@ class TokenHistories:
         factors = np.stack([col["repetition"], col["frequency"], col["presence"]])[:, penalized]
         num_prompt = self.prompt[slots]
         begin = np.where(factors[0] != 1, 0, num_prompt)
-        up["penalty_ranges"] = np.stack([penalized, slots, begin, num_prompt, ends]).astype(np.int32)
-        up["penalty_factors"] = factors
+        ranges = np.stack([penalized, slots, begin, num_prompt, ends]).astype(np.int32)
+        up["penalty_ranges"], up["penalty_factors"] = ranges, factors
+        self.last = _LastBuild(self.builds, penalized, list(map(id, lists)), slots, begin, ranges, factors)
         return int((ends - begin).max())
+
+    def advance(self, up: dict, rows) -> int | None:
+        """The last build again, each penalized row's list one token longer (a decode step that
+        samples the rows of the step before): stage that token and the ranges into `up` and return
+        the widest range; None (nothing staged) where that is not what happened."""
+        last = self.last
+        if last is None or last.build != self.builds:
+            return None
+        picked = rows if len(last.penalized) == len(rows) else [rows[i] for i in last.penalized.tolist()]
+        lists = [r.token_ids for r in picked]
+        if list(map(id, lists)) != last.list_ids:
+            return None
+        ranges = last.ranges.copy()
+        old = ranges[4].astype(np.int64)
+        ends = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        if not np.array_equal(ends, old + 1) or ends.max() > self.ids.shape[1]:
+            return None
+        self.builds += 1
+        last.build = self.builds
+        self.size[last.slots] = ends
+        self.stamp[last.slots] = self.builds
+        ranges[4] = ends
+        last.ranges = ranges
+        up["history_at"] = last.slots * self.ids.shape[1] + old
+        up["history_ids"] = np.fromiter(map(itemgetter(-1), lists), dtype=np.int32, count=len(lists))
+        up["penalty_ranges"], up["penalty_factors"] = ranges, last.factors
+        return int((ends - last.begin).max())
 
     def _reserve(self, num_slots: int, longest: int, device: torch.device) -> None:
         ids = self.ids

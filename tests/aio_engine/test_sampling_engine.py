@@ -304,6 +304,27 @@ def test_processed_logprobs_are_of_the_penalized_filtered_distribution(make_llm,
             assert lp.logprob == pytest.approx(expected[t].item(), abs=1e-4), (i, t)
 
 
+def test_greedy_penalized_batch_takes_the_argmax_of_the_penalized_logits_at_every_step(make_llm, hf_models):
+    # Decode steps after the first reuse the sampling metadata and upload one token per row
+    # (MetadataCache + TokenHistories.advance): every step is checked against the formula.
+    llm = make_llm("llama")
+    prompts = [random_prompt(n, seed=400 + n) for n in (9, 14, 6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, **kw) for kw in (
+        dict(repetition_penalty=1.4, frequency_penalty=0.6), dict(presence_penalty=1.5), dict(repetition_penalty=0.7))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, p, out in zip(prompts, params, outs):
+        tokens = out.outputs[0].token_ids
+        assert len(tokens) == 12
+        with torch.no_grad():
+            logits = hf_models("llama")(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        for i, token in enumerate(tokens):
+            expected = processed(logits[i], row(p, output_ids=tokens[:i], prompt_ids=prompt))
+            top2 = expected.topk(2).values
+            if top2[0] - top2[1] < 1e-4:  # a near tie: either token is right, the rest of the run differs
+                break
+            assert token == int(expected.argmax()), (p, i)
+
+
 def test_each_request_of_a_batch_gets_the_logprobs_it_asked_for(make_llm):
     llm = make_llm()
     prompts = [random_prompt(12, seed=365 + i) for i in range(4)]

@@ -7,7 +7,7 @@ import torch
 
 from sampling.metadata import MetadataCache, SamplingMetadata, SamplingRow, row_key
 from sampling.params import SamplingParams
-from sampling.sampler import Sampler
+from sampling.sampler import Sampler, apply_penalties
 
 from .reference import random_logits
 
@@ -68,12 +68,59 @@ def test_a_step_with_banned_ids_is_built_fresh_and_not_kept(device):
     assert cache.hits == 1
 
 
-def test_penalized_rows_are_never_reused(device):
-    params = [SamplingParams(temperature=0, repetition_penalty=1.3)]
-    cache = MetadataCache()
-    tokens = [1, 2, 3]
-    for step in range(3):
-        tokens.append(step)
-        md = cache.build([SamplingRow(params[0], 5, step, token_ids=tokens, num_prompt_tokens=3)], VOCAB, device)
-        assert md.penalties is not None
+def test_penalized_rows_that_grew_by_one_token_reuse_the_metadata_and_draw_what_a_fresh_build_draws(device):
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.4),
+              SamplingParams(temperature=0.8, top_k=5),  # not penalized: not in the histories
+              SamplingParams(temperature=1.0, presence_penalty=1.5)]
+    gen = torch.Generator().manual_seed(3)
+    lists = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (7, 4, 12)]
+    cache, sampler = MetadataCache(), Sampler()
+    for step in range(8):
+        logits = random_logits(3, VOCAB, seed=50 + step)
+        rows = [SamplingRow(p, 30 + i, step, token_ids=t, num_prompt_tokens=3) for i, (p, t) in enumerate(zip(params, lists))]
+        md = cache.build(rows, VOCAB, device, histories=sampler.histories)
+        fresh = SamplingMetadata.build(rows, VOCAB, device)  # its own histories: every token uploaded
+        got = sampler(logits.to(device).clone(), md)
+        assert torch.equal(got.token_ids.cpu(), draw(logits, fresh, device))
+        penalized = logits.to(device).clone()
+        apply_penalties(penalized, md)
+        expected = logits.to(device).clone()
+        apply_penalties(expected, fresh)
+        torch.testing.assert_close(penalized.cpu(), expected.cpu(), rtol=0, atol=0)
+        assert (penalized.cpu() != logits).any()
+        for t in lists:  # the step's tokens, as the engine appends them; the greedy row's own draw
+            t.append(int(torch.randint(0, VOCAB, (), generator=gen)))
+        lists[0][-1] = got.token_ids[0].item()
+    assert cache.hits == 7
+
+
+def test_penalized_rows_that_did_not_grow_by_one_token_take_a_full_build(device):
+    params = SamplingParams(temperature=0, frequency_penalty=2.0)
+    cache, sampler = MetadataCache(), Sampler()
+    tokens = [4, 4, 9]
+
+    def build(step):
+        return cache.build([SamplingRow(params, 5, step, token_ids=tokens, num_prompt_tokens=1)], VOCAB, device,
+                           histories=sampler.histories)
+
+    build(0)
+    tokens += [9, 9]  # two tokens (a step's token and a recomputed one, say)
+    build(1)
     assert cache.hits == 0
+    del tokens[-1]  # shorter: not the list it was
+    logits = random_logits(1, VOCAB, seed=8)
+    got = logits.to(device).clone()
+    apply_penalties(got, build(2))
+    assert cache.hits == 0
+    expected = logits.clone()
+    expected[0, 4] -= 2.0 * 1
+    expected[0, 9] -= 2.0 * 2
+    torch.testing.assert_close(got.cpu(), expected)
+    tokens.append(4)
+    md = build(3)
+    assert cache.hits == 1 and md.penalties is not None
+    # Without the Sampler's histories (each build makes its own) nothing is reused.
+    for step in range(4, 6):
+        tokens.append(1)
+        cache.build([SamplingRow(params, 5, step, token_ids=tokens, num_prompt_tokens=1)], VOCAB, device)
+    assert cache.hits == 1
