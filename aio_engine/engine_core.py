@@ -206,13 +206,18 @@ class EngineCore:
         self.num_late_samplings += 1
         self.runner.sample(out, launched)
 
-    def finish_step(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def finish_step(self, out: SchedulerOutput, result: StepResult,
+                    then_sample: tuple[SchedulerOutput, LaunchedStep] | None = None) -> list[RequestOutput]:
+        """Tokens -> requests -> outputs. `then_sample`: the launched step sampled next, whose
+        bitmask (if it has constrained rows) starts filling once the grammars have advanced."""
         self.num_steps += 1
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
-        constrained = [r for r in changed if r.grammar is not None and not r.status.finished]
+        constrained = [r for r in changed if r.live_grammar is not None]
         if constrained:
             self._advance_grammars(constrained)
+            if then_sample is not None:
+                self.runner.start_fill(*then_sample)
         return self.outputs.process(changed, self.scheduler.finish_request)
 
     def _advance_grammars(self, requests: list[Request]) -> None:
@@ -237,9 +242,10 @@ class EngineCore:
             launch N+1       blocking   forward N+1 queued behind N, its inputs N's ids on the GPU;
                                         its sampling too, unless a row samples from its tokens so far
             wait N           blocking   N's ids home (the one host sync)
-            finish N         host       tokens appended, grammars advanced, stops, outputs
+            finish N         host       tokens appended, grammars advanced (then N+1's bitmask
+                                        starts filling in a worker thread), stops, outputs
             sample N+1       blocking   only if launch left it: rows from the state after N, the
-                                        bitmask filled while the GPU runs forward N+1, the sampler
+                                        bitmask (filled while the GPU runs forward N+1), the sampler
 
         So only the sampler waits for the host, and outputs come one step later. Without async
         scheduling nothing is in flight at the start, and N+1 is waited for and finished at once.
@@ -251,7 +257,8 @@ class EngineCore:
         if self.in_flight is not None:
             if launched is not None:
                 self.num_steps_run_ahead += 1
-            outputs += yield from self._finish_phases()
+            then_sample = (out, launched) if launched is not None and launched.needs_sampling else None
+            outputs += yield from self._finish_phases(then_sample)
         if launched is not None:
             if launched.needs_sampling:
                 yield functools.partial(self.sample, out, launched)
@@ -260,12 +267,12 @@ class EngineCore:
                 outputs += yield from self._finish_phases()
         return outputs
 
-    def _finish_phases(self) -> Generator[Callable[[], Any], Any, list[RequestOutput]]:
-        """Wait for the step in flight (a blocking call) and finish it."""
+    def _finish_phases(self, then_sample=None) -> Generator[Callable[[], Any], Any, list[RequestOutput]]:
+        """Wait for the step in flight (a blocking call) and finish it (see finish_step)."""
         out, launched = self.in_flight
         self.in_flight = None
         result = yield functools.partial(self.runner.wait, launched)
-        return self.finish_step(out, result)
+        return self.finish_step(out, result, then_sample)
 
     def step(self) -> list[RequestOutput]:
         """One iteration, its blocking calls run in this thread (the offline LLM); see phases()."""

@@ -66,6 +66,7 @@ class ModelRunner:
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.sampler = Sampler()
         self.sampling_metadata = MetadataCache()  # a decode step reuses the last step's, new keys only
+        self._fill_started: LaunchedStep | None = None  # the step whose bitmask start_fill() began
         self.logprobs_mode = mc.logprobs_mode
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -382,6 +383,17 @@ class ModelRunner:
             self._enqueue_sampling(out, step, logits)
             self._record_done(step)
 
+    def start_fill(self, out: SchedulerOutput, step: LaunchedStep) -> None:
+        """Begin the bitmask fill of a step that sample() will sample, from the grammars' state
+        now, in the bitmask's worker thread: the engine calls it as soon as the step before has
+        advanced the grammars, so that the fill runs while the host finishes that step."""
+        picked = [(grammar, j) for j, i in enumerate(step.sample_rows)
+                  if (grammar := out.scheduled[i].request.live_grammar) is not None]
+        if picked:
+            grammars, rows = zip(*picked)
+            self.bitmask.start_fill(grammars, rows)
+            self._fill_started = step
+
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
         """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""
         rows: list[SamplingRow] = []
@@ -391,8 +403,8 @@ class ModelRunner:
             # Finished while this step was in flight (stop, grammar end, abort): its token will be
             # dropped, and its grammar (terminated, or no longer fed) is left alone.
             live = not r.status.finished
-            if r.grammar is not None and live:
-                grammars.append(r.grammar)
+            if (grammar := r.live_grammar) is not None:
+                grammars.append(grammar)
                 grammar_rows.append(j)
             rows.append(SamplingRow(r.sampling_params, r.seed, step.counters[j],
                                     banned_ids=r.banned_token_ids() if live else (),
@@ -401,7 +413,10 @@ class ModelRunner:
         md = self.sampling_metadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
                                           getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler
         constrain = None
-        if grammars:  # filled on the host while the GPU runs the forward
+        if self._fill_started is step:  # start_fill() did it (rows finished since: their tokens are dropped)
+            self._fill_started = None
+            constrain = self.bitmask.apply
+        elif grammars:  # filled on the host while the GPU runs the forward
             self.bitmask.fill(grammars, grammar_rows)
             constrain = self.bitmask.apply
         step.sampled = self.sampler(logits, md, constrain)
@@ -449,6 +464,10 @@ class ModelRunner:
             input_ids.index_copy_(0, dst, tokens.index_select(0, src))
 
         return fill
+
+    def is_done(self, step: LaunchedStep) -> bool:
+        """Whether wait(step) would return without blocking (all its GPU work has run)."""
+        return step.done is None or step.done.query()
 
     def wait(self, step: LaunchedStep) -> StepResult:
         """Block until the step is done (call from a worker thread) and read its results."""

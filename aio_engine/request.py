@@ -86,6 +86,12 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_hashed_blocks = 0  # leading blocks of block_ids registered in the prefix cache
 
+    @property
+    def live_grammar(self):
+        """The grammar the next token is drawn under: None unconstrained, or once finished (a
+        finished request's token is dropped and its grammar left alone)."""
+        return self.grammar if not self.status.finished else None
+
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)

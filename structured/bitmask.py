@@ -24,6 +24,7 @@ host buffer is never rewritten under a pending copy. An event guards that all th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
@@ -52,6 +53,8 @@ class BatchBitmask:
         self._rows: list[int] = []  # the logits rows filled for the current step
         # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python.
         self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
+        self._worker: ThreadPoolExecutor | None = None  # start_fill's thread (made on first use)
+        self._filling: Future | None = None
 
     @property
     def rows(self) -> list[int]:
@@ -63,28 +66,43 @@ class BatchBitmask:
         A terminated grammar's row allows only its stop tokens. Rows left out of `rows` are not
         masked by the next apply(), whatever the buffer holds for them.
         """
+        self.start_fill(grammars, rows)
+        self.finish_fill()
+
+    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int]) -> None:
+        """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
+        fill releases the GIL, so the caller's Python runs meanwhile) and the next apply(),
+        clear() or finish_fill() waits for it. The grammars must not take tokens until then."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
         if rows and (min(rows) < 0 or max(rows) >= self.max_rows or len(set(rows)) != len(rows)):
             raise ValueError(f"fill: rows must be distinct and in [0, {self.max_rows}), got {rows}")
+        self.finish_fill()
         self._wait_upload()
         if grammars:
             self._fit(grammars[0].vocab_size)
         live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
-        if len(live) == len(grammars):
-            if grammars:
-                self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], self.host, rows)
-        else:
-            if live:
-                self._batch.batch_fill_next_token_bitmask(
-                    [grammars[i].matcher for i in live], self.host, [rows[i] for i in live])
-            for i in set(range(len(grammars))).difference(live):
-                fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
+        for i in set(range(len(grammars))).difference(live):
+            fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
         self._rows = rows
+        if live:
+            matchers = [grammars[i].matcher for i in live]
+            live_rows = rows if len(live) == len(rows) else [rows[i] for i in live]
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
+            self._filling = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, self.host,
+                                                live_rows)
+
+    def finish_fill(self) -> None:
+        """Wait for the fill start_fill() began, if any (its error, if any, raises here)."""
+        filling, self._filling = self._filling, None
+        if filling is not None:
+            filling.result()
 
     def clear(self) -> None:
         """No row is masked by the next apply() (a step without constrained sequences)."""
+        self.finish_fill()
         self._rows = []
 
     def apply(self, logits: torch.Tensor) -> None:
@@ -93,6 +111,7 @@ class BatchBitmask:
         logits: [num_rows, vocab_size] on this bitmask's device (any float dtype); a no-op when
         no row was filled.
         """
+        self.finish_fill()
         if not self._rows:
             return
         if logits.dim() != 2 or logits.shape[-1] != self.vocab_size:

@@ -235,6 +235,10 @@ async def test_launching_on_the_loop_as_on_cuda_gives_the_same_tokens_and_only_w
     engine._launch_inline = True  # what a CUDA engine does; on CPU the launch computes the step here
     in_worker = []
     run_in_executor = asyncio.get_running_loop().run_in_executor
+    # A step whose event has fired is read on the loop, one still running in the worker: on CPU
+    # every step is done by the time it is waited for, so every other one pretends it is not.
+    polls = []
+    monkeypatch.setattr(engine.core.runner, "is_done", lambda step: polls.append(step) or len(polls) % 2 == 0)
 
     def spy(executor, call, *args):
         if executor is engine._executor:
@@ -248,5 +252,6 @@ async def test_launching_on_the_loop_as_on_cuda_gives_the_same_tokens_and_only_w
     for streamed, expected in zip(results, offline):
         assert streamed[-1].outputs[0].token_ids == expected.outputs[0].token_ids
     assert in_worker and set(in_worker) == {"wait"}
+    assert len(in_worker) == (len(polls) + 1) // 2 and len(polls) > 10  # the others were read on the loop
     await wait_until_idle(engine)
     assert_all_blocks_free(engine.core)

@@ -129,6 +129,22 @@ def test_json_schemas_validate_alone_and_mixed_with_unconstrained_requests(llm, 
             assert out.outputs[0].token_ids == alone[i].outputs[0].token_ids, names[i]
 
 
+def test_a_bitmask_filled_while_the_step_before_finishes_gives_the_tokens_of_one_filled_at_sampling(
+        llm, closers, monkeypatch):
+    names = list(SCHEMAS)[:8]
+    params = [constrained(closers, 77 + i, json=SCHEMAS[n]) for i, n in enumerate(names)]
+    runner, started = llm.core.runner, []
+    start_fill = runner.start_fill
+    monkeypatch.setattr(runner, "start_fill", lambda out, step: (started.append(step), start_fill(out, step)))
+    early = run(llm, params)
+    assert len(started) > 10  # async scheduling: most decode steps' masks are started early
+    monkeypatch.setattr(runner, "start_fill", lambda out, step: None)  # every mask filled at sampling
+    late = run(llm, params)
+    for name, a, b in zip(names, early, late):
+        validate(SCHEMAS[name], finished_text(a))
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, name
+
+
 def test_compact_json_has_no_free_whitespace(llm, closers):
     outs = run(llm, [constrained(closers, s, json=SCHEMAS["nested"]) for s in range(4)])
     for out in outs:

@@ -45,7 +45,8 @@ from tests.sampling.test_distribution import (  # noqa: F401
 from tests.sampling.test_metadata_cache import (  # noqa: F401
     test_a_step_with_banned_ids_is_built_fresh_and_not_kept,
     test_other_rows_order_or_seeds_take_a_full_build,
-    test_penalized_rows_are_never_reused,
+    test_penalized_rows_that_did_not_grow_by_one_token_take_a_full_build,
+    test_penalized_rows_that_grew_by_one_token_reuse_the_metadata_and_draw_what_a_fresh_build_draws,
     test_same_rows_reuse_the_metadata_and_draw_what_a_fresh_build_draws,
 )
 from tests.sampling.test_sampler import (  # noqa: F401

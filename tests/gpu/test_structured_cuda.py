@@ -35,6 +35,7 @@ from tests.aio_engine.test_structured_engine import (  # noqa: F401
     finished_text,
     free,
     run,
+    test_a_bitmask_filled_while_the_step_before_finishes_gives_the_tokens_of_one_filled_at_sampling,
     test_choice_returns_one_of_the_choices,
     test_compact_json_has_no_free_whitespace,
     test_ebnf_arithmetic_outputs_parse,

@@ -77,6 +77,29 @@ def test_fill_and_apply_mask_only_the_filled_rows(service, tokenizer):
     assert torch.equal(again, logits)
 
 
+def test_a_fill_started_in_the_background_masks_what_fill_masks(service, tokenizer):
+    specs = [StructuredOutputsParams(choice=["yes", "no"]), StructuredOutputsParams(regex="[0-9]+"),
+             StructuredOutputsParams(json_object=True)]
+    grammars = [RequestGrammar(service.compile_sync(s)) for s in specs]
+    first = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
+    grammars[1].matcher.fill_next_token_bitmask(first, 0)
+    assert grammars[1].accept_token(int(unpack_bitmask(first, VOCAB)[0].nonzero()[0]))  # one digit in
+    background, inline = BatchBitmask(8, VOCAB), BatchBitmask(8, VOCAB)
+    logits = torch.randn(8, VOCAB)
+    for step in range(2):
+        rows = [6, 0, 3] if step == 0 else [1, 4, 2]
+        background.start_fill(grammars, rows)
+        inline.fill(grammars, rows)
+        assert background.rows == inline.rows == rows
+        a, b = logits.clone(), logits.clone()
+        background.apply(a)  # waits for the fill
+        inline.apply(b)
+        assert torch.equal(a, b) and torch.isinf(a[rows]).any() and not torch.isinf(a[[5, 7]]).any()
+    background.start_fill(grammars[:1], [2])
+    background.clear()  # waits too: nothing is masked, and nothing writes the buffer afterwards
+    assert background.rows == [] and background._filling is None
+
+
 def test_terminated_grammar_row_allows_only_eos(service, tokenizer):
     grammar = RequestGrammar(service.compile_sync(StructuredOutputsParams(choice=["ok"])))
     grammar.accept_tokens(tokenizer.encode("ok", add_special_tokens=False) + [EOS])
