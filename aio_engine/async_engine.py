@@ -1,8 +1,9 @@
 """AsyncEngine: the engine loop as one asyncio task, and `async for` over each request's outputs.
 
 The loop runs EngineCore.phases(), the one description of a step: it schedules on the event loop,
-builds and launches each step in one worker thread (on CPU that thread also computes it), waits
-for its tokens in that thread (so the loop stays free to accept requests and stream), then turns
+builds and launches each step (on CUDA on the loop, where that only queues work; on CPU in one
+worker thread, which also computes it), waits for its tokens in that thread unless they are
+already home (so the loop stays free to accept requests and stream), then turns
 tokens into outputs and hands them to each request's collector. With async scheduling step N+1 is
 launched before step N's tokens are read. A collector keeps only what the consumer has not taken
 yet, merged, so a slow consumer never grows a queue.
