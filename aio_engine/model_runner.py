@@ -396,6 +396,10 @@ class ModelRunner:
 
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
         """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""
+        prefilled = self._fill_started is step
+        if prefilled:  # start_fill() began it; done before the rows, which may ask a matcher (min_tokens)
+            self._fill_started = None
+            self.bitmask.finish_fill()
         rows: list[SamplingRow] = []
         grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
         for j, i in enumerate(step.sample_rows):
@@ -413,8 +417,7 @@ class ModelRunner:
         md = self.sampling_metadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
                                           getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler
         constrain = None
-        if self._fill_started is step:  # start_fill() did it (rows finished since: their tokens are dropped)
-            self._fill_started = None
+        if prefilled:  # rows finished since it began are masked too: their tokens are dropped
             constrain = self.bitmask.apply
         elif grammars:  # filled on the host while the GPU runs the forward
             self.bitmask.fill(grammars, grammar_rows)

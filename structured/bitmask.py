@@ -66,13 +66,13 @@ class BatchBitmask:
         A terminated grammar's row allows only its stop tokens. Rows left out of `rows` are not
         masked by the next apply(), whatever the buffer holds for them.
         """
-        self.start_fill(grammars, rows)
-        self.finish_fill()
+        self.start_fill(grammars, rows, background=False)
 
-    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int]) -> None:
+    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True) -> None:
         """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
         fill releases the GIL, so the caller's Python runs meanwhile) and the next apply(),
-        clear() or finish_fill() waits for it. The grammars must not take tokens until then."""
+        clear() or finish_fill() waits for it. Until then nothing may call the grammars'
+        matchers (xgrammar moves a matcher's parser through each candidate token while it fills)."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
@@ -89,6 +89,9 @@ class BatchBitmask:
         if live:
             matchers = [grammars[i].matcher for i in live]
             live_rows = rows if len(live) == len(rows) else [rows[i] for i in live]
+            if not background:
+                self._batch.batch_fill_next_token_bitmask(matchers, self.host, live_rows)
+                return
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
             self._filling = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, self.host,
