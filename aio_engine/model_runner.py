@@ -396,9 +396,10 @@ class ModelRunner:
 
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
         """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""
-        prefilled = self._fill_started is step
-        if prefilled:  # start_fill() began it; done before the rows, which may ask a matcher (min_tokens)
-            self._fill_started = None
+        prefilled, self._fill_started = self._fill_started is step, None
+        if "bitmask" in vars(self):  # made on first use
+            # A fill may be running (this step's, from start_fill(), or one an interrupted step left):
+            # it ends before the rows are built, which may ask a matcher is_completed (min_tokens).
             self.bitmask.finish_fill()
         rows: list[SamplingRow] = []
         grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
