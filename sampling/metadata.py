@@ -270,11 +270,9 @@ class _LastBuild:
     """TokenHistories' last build, as advance() repeats it."""
 
     build: int
-    penalized: np.ndarray  # rows of the batch
     list_ids: list[int]  # id() of each penalized row's token list
-    slots: np.ndarray
-    begin: np.ndarray
-    ranges: np.ndarray  # [5, P] int32, as uploaded
+    slots: np.ndarray  # int64 (ranges[1], widened for slot * capacity)
+    ranges: np.ndarray  # [5, P] int32, as uploaded: logits row, slot, begin, split, end
     factors: np.ndarray  # [3, P] float32
 
 
@@ -359,7 +357,7 @@ class TokenHistories:
         begin = np.where(factors[0] != 1, 0, num_prompt)
         ranges = np.stack([penalized, slots, begin, num_prompt, ends]).astype(np.int32)
         up["penalty_ranges"], up["penalty_factors"] = ranges, factors
-        self.last = _LastBuild(self.builds, penalized, list(map(id, lists)), slots, begin, ranges, factors)
+        self.last = _LastBuild(self.builds, list(map(id, lists)), slots, ranges, factors)
         return int((ends - begin).max())
 
     def advance(self, up: dict, rows) -> int | None:
@@ -369,11 +367,11 @@ class TokenHistories:
         last = self.last
         if last is None or last.build != self.builds:
             return None
-        picked = rows if len(last.penalized) == len(rows) else [rows[i] for i in last.penalized.tolist()]
+        ranges = last.ranges
+        picked = rows if ranges.shape[1] == len(rows) else [rows[i] for i in ranges[0].tolist()]
         lists = [r.token_ids for r in picked]
         if list(map(id, lists)) != last.list_ids:
             return None
-        ranges = last.ranges.copy()
         old = ranges[4].astype(np.int64)
         ends = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         if not np.array_equal(ends, old + 1) or ends.max() > self.ids.shape[1]:
@@ -382,12 +380,11 @@ class TokenHistories:
         last.build = self.builds
         self.size[last.slots] = ends
         self.stamp[last.slots] = self.builds
-        ranges[4] = ends
-        last.ranges = ranges
+        ranges[4] = ends  # (the last upload copied it into its own buffer)
         up["history_at"] = last.slots * self.ids.shape[1] + old
         up["history_ids"] = np.fromiter(map(itemgetter(-1), lists), dtype=np.int32, count=len(lists))
         up["penalty_ranges"], up["penalty_factors"] = ranges, last.factors
-        return int((ends - last.begin).max())
+        return int((ends - ranges[2]).max())
 
     def _reserve(self, num_slots: int, longest: int, device: torch.device) -> None:
         ids = self.ids
