@@ -247,9 +247,8 @@ class EngineConfig:
 
     @classmethod
     def build(cls, args: EngineArgs) -> EngineConfig:
-        from transformers import AutoConfig
-
         from .models import model_class
+        from .models.hf_config import load_hf_config
 
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
         if args.revision:
@@ -260,7 +259,7 @@ class EngineConfig:
         config_path = Path(args.hf_config_path) if args.hf_config_path else path
         if not (config_path / "config.json").is_file():
             raise ValueError(f"hf_config_path {str(config_path)!r} is not a folder with a config.json")
-        hf_config = AutoConfig.from_pretrained(config_path, **_dict_arg(args.hf_overrides, "hf_overrides"))
+        hf_config = load_hf_config(config_path, _dict_arg(args.hf_overrides, "hf_overrides"))
         architecture = model_class(getattr(hf_config, "architectures", None)).__name__
         if args.disable_sliding_window:
             hf_config._disable_sliding_window = True
