@@ -6,13 +6,15 @@ worker thread, which also computes it), waits for its tokens in that thread unle
 already home (so the loop stays free to accept requests and stream), then turns
 tokens into outputs and hands them to each request's collector. With async scheduling step N+1 is
 launched before step N's tokens are read. A collector keeps only what the consumer has not taken
-yet, merged, so a slow consumer never grows a queue.
+yet, merged, so a slow consumer never grows a queue. Unless --disable-log-stats, a statistics line
+goes to the log every 10 s of work (aio_engine/stats.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,6 +24,7 @@ from sampling.params import RequestOutputKind, SamplingParams
 from .config import EngineArgs, EngineConfig
 from .engine_core import EngineCore, PromptType
 from .outputs import RequestOutput
+from .stats import StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,10 @@ class AsyncEngine:
         self._pending_aborts: set[str] = set()
         self.dead_error: BaseException | None = None
         self._grammars: asyncio.Future | None = None  # the core's grammar compiler, made off the loop
+        obs = config.observability
+        self.stats = StatsLogger(self.core, obs.log_stats_interval) if obs.log_stats else None
+        self._blocked = 0.0  # seconds this iteration waited for the worker thread (the device, on CUDA)
+        self._last_cycle: tuple[float, int, int] = (0.0, 0, 0)  # blocked, prefill tokens, decode rows
         # On CUDA a launch only queues work; on CPU it computes the step, so it goes to the worker.
         self._launch_inline = config.device.type == "cuda"
 
@@ -165,14 +172,25 @@ class AsyncEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         core = self.core
+        stats = self.stats
+        cycle_start = None  # when the iteration before this one began (None after idling)
         try:
             while True:
                 if not core.has_unfinished:
+                    cycle_start = None
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                started = time.perf_counter()
+                if stats is not None and cycle_start is not None:  # the last iteration, its consumers included
+                    stats.record(started - cycle_start, *self._last_cycle)
+                cycle_start, self._blocked = started, 0.0
                 for output in await self._run_phases(loop, core.phases()):
                     self._deliver(output)
+                if stats is not None:
+                    done, core.last_finished = core.last_finished, None
+                    self._last_cycle = (self._blocked, done.num_prefill_tokens if done else 0,
+                                        len(done.scheduled) - done.num_prefill_rows if done else 0)
                 await asyncio.sleep(0)  # let consumers and the web layer run between steps
         except asyncio.CancelledError:
             raise
@@ -202,10 +220,12 @@ class AsyncEngine:
                     result = call()
                 else:
                     self._stepping = True
+                    blocked_from = time.perf_counter()
                     try:
                         result = await loop.run_in_executor(self._executor, call)
                     finally:
                         self._stepping = False
+                        self._blocked += time.perf_counter() - blocked_from
                     self._apply_pending_aborts()
                 call = phases.send(result)
         except StopIteration as done:

@@ -230,6 +230,7 @@ class ParallelConfig:
 @dataclass
 class ObservabilityConfig:
     log_stats: bool = True
+    log_stats_interval: float = 10.0  # seconds between AsyncEngine's statistics lines
 
 
 @dataclass

@@ -50,6 +50,7 @@ class EngineCore:
         self.eos_token_ids = self._eos_ids()
         self._ids = itertools.count()
         self.in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, not yet read
+        self.last_finished: SchedulerOutput | None = None  # the step the last iteration waited for
         # Seeds for requests that bring none: random per request, reproducible per engine seed.
         self._seeds = random.Random(mc.seed)
         # Counters for metrics and tests.
@@ -193,7 +194,10 @@ class EngineCore:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             if sched.start < request.num_prompt_tokens:
-                self.num_prompt_tokens_computed += min(sched.num_new_tokens, request.num_prompt_tokens - sched.start)
+                prompt_tokens = min(sched.num_new_tokens, request.num_prompt_tokens - sched.start)
+                out.num_prefill_tokens += prompt_tokens
+                out.num_prefill_rows += 1
+        self.num_prompt_tokens_computed += out.num_prefill_tokens
         return out
 
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
@@ -271,6 +275,7 @@ class EngineCore:
         """Wait for the step in flight (a blocking call) and finish it (see finish_step)."""
         out, launched = self.in_flight
         self.in_flight = None
+        self.last_finished = out
         result = yield functools.partial(self.runner.wait, launched)
         return self.finish_step(out, result, then_sample)
 

@@ -30,6 +30,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     num_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
+    num_prefill_tokens: int = 0  # prompt tokens among num_tokens (EngineCore.schedule counts them)
+    num_prefill_rows: int = 0
 
     @property
     def empty(self) -> bool:

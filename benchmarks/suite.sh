@@ -3,7 +3,7 @@
 #   results.jsonl  one JSON line per result ({"bench": ..., ...}; benchmarks/plots.py reads it), plus
 #                  one {"bench": "suite", ...} line per part (ok / failed / timeout / skipped, seconds)
 #   suite.log      each part's command, status and its last lines (the tables)
-#   full.log       each part's output (last 400 lines per part)
+#   full.log       each part's output (last 400 lines per part, then the server's statistics lines)
 # Usage (repo root, GPU machine, .whl carried):  bash benchmarks/suite.sh [PART...]
 # Parts (default: idle serving startup), in the order given:
 #   idle          GPU idle between steps, async scheduling on/off, batch 64, qwen3-0.6b   (~1.5 min)
@@ -82,6 +82,9 @@ run() {
   { echo "== $name: $status (rc $rc) in ${took}s"; grep -vE '^\{"bench"|aiohttp.access|USDT|it/s\]|Capturing' "$log" | tail -n 40; } \
     | tee -a "$B/suite.log"
   { echo "===== $name: $*"; tail -n 400 "$log"; } >>"$B/full.log"
+  # The server's statistics lines (aio_engine.stats: throughput, loop iterations' median / p99 /
+  # longest and what the longest held), however much other output came after them.
+  grep -q 'aio_engine.stats' "$log" && { echo "----- $name: statistics lines"; grep 'aio_engine.stats' "$log"; } >>"$B/full.log"
   rm -f "$log"
 }
 
@@ -101,7 +104,7 @@ for part in "${parts[@]}"; do
     serving)
       for si in 1 8; do
         run "serving-si$si" 200 $PY benchmarks/serving.py $SERVE --request-rate 16 inf --max-seconds 90 \
-          --jsonl "$R" -- --model "$MODEL" $COMMON --stream-interval $si --disable-log-stats
+          --jsonl "$R" -- --model "$MODEL" $COMMON --stream-interval $si
       done ;;
     startup)
       run startup 240 $PY benchmarks/startup.py --levels 0 2 --timeout 150 --jsonl "$R" -- --model "$MODEL" $COMMON ;;

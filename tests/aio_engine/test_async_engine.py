@@ -255,3 +255,26 @@ async def test_launching_on_the_loop_as_on_cuda_gives_the_same_tokens_and_only_w
     assert len(in_worker) == (len(polls) + 1) // 2 and len(polls) > 10  # the others were read on the loop
     await wait_until_idle(engine)
     assert_all_blocks_free(engine.core)
+
+
+async def test_stats_lines_report_throughput_and_the_steps_shape(make_async_engine, caplog):
+    engine = make_async_engine()
+    engine.stats.interval = 0.0  # a line after every iteration
+    caplog.set_level("INFO", logger="aio_engine.stats")
+    await collect(engine, prompt(3, length=23), params(6))
+    lines = [r.getMessage() for r in caplog.records if r.name == "aio_engine.stats"]
+    assert lines and all(line.startswith("Avg prompt throughput: ") for line in lines)
+    # Each line covers one iteration: the one that read the prefill holds its 23 prompt tokens,
+    # the decode iterations one row each; every token generated shows in some line's throughput.
+    assert any("(23 prefill tokens, 0 decode rows" in line for line in lines)
+    assert sum("(0 prefill tokens, 1 decode rows" in line for line in lines) >= 4
+    assert any("Avg generation throughput: 0.0 tokens/s" not in line for line in lines)
+    assert all("loop: 1 iterations, median" in line for line in lines)
+
+
+async def test_disable_log_stats_logs_nothing(make_async_engine, caplog):
+    engine = make_async_engine(disable_log_stats=True)
+    caplog.set_level("INFO", logger="aio_engine.stats")
+    await collect(engine, prompt(3), params(4))
+    assert engine.stats is None
+    assert not [r for r in caplog.records if r.name == "aio_engine.stats"]

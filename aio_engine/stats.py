@@ -1,0 +1,60 @@
+"""Periodic statistics in the log (vLLM's "Avg prompt throughput: ..." line), plus the loop's steps.
+
+The AsyncEngine records each loop iteration (its wall time, the time it sat blocked on the
+device, and the shape of the step it launched) and, at most every `interval` seconds while the
+engine works, logs throughput, running / waiting requests, KV-cache usage, the prefix-cache hit
+rate over the interval, and the iterations' median, p99 and longest time with what the longest
+one held: the line that says whether a latency tail comes from prefill chunks (long steps,
+blocked on the device) or from the host. --disable-log-stats turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("aio_engine.stats")
+
+
+class StatsLogger:
+    def __init__(self, core, interval: float = 10.0) -> None:
+        self.core = core
+        self.interval = interval
+        self.durations: list[float] = []
+        self.longest: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # seconds, blocked, prefill tokens, decode rows
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        core, kv = self.core, self.core.kv
+        self.since = now
+        self.prompt_tokens, self.generated = core.num_prompt_tokens_computed, core.num_generated_tokens
+        self.queries, self.hits = kv.prefix_queries, kv.prefix_hits
+        self.durations = []
+        self.longest = (0.0, 0.0, 0, 0)
+
+    def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int) -> None:
+        """One loop iteration; logs (and starts a new interval) when the interval is over."""
+        self.durations.append(seconds)
+        if seconds > self.longest[0]:
+            self.longest = (seconds, blocked, prefill_tokens, decode_rows)
+        now = time.monotonic()
+        if now - self.since >= self.interval:
+            logger.info("%s", self.line(now))
+            self._reset(now)
+
+    def line(self, now: float) -> str:
+        core, kv, sched = self.core, self.core.kv, self.core.scheduler
+        elapsed = max(now - self.since, 1e-9)
+        queries = kv.prefix_queries - self.queries
+        hit_rate = 100.0 * (kv.prefix_hits - self.hits) / queries if queries else 0.0
+        text = (f"Avg prompt throughput: {(core.num_prompt_tokens_computed - self.prompt_tokens) / elapsed:.1f} tokens/s, "
+                f"Avg generation throughput: {(core.num_generated_tokens - self.generated) / elapsed:.1f} tokens/s, "
+                f"Running: {len(sched.running)} reqs, Waiting: {len(sched.waiting)} reqs, "
+                f"GPU KV cache usage: {100.0 * kv.usage:.1f}%, Prefix cache hit rate: {hit_rate:.1f}%")
+        if self.durations:
+            ms = sorted(1e3 * d for d in self.durations)
+            seconds, blocked, prefill, decode = self.longest
+            text += (f"; loop: {len(ms)} iterations, median {ms[len(ms) // 2]:.2f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.2f} ms, "
+                     f"longest {1e3 * seconds:.2f} ms ({prefill} prefill tokens, {decode} decode rows, "
+                     f"{1e3 * blocked:.2f} ms blocked on the device)")
+        return text
