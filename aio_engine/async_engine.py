@@ -177,9 +177,14 @@ class AsyncEngine:
         try:
             while True:
                 if not core.has_unfinished:
+                    if stats is not None and cycle_start is not None:  # the burst's last iteration, then its line
+                        stats.record(time.perf_counter() - cycle_start, *self._last_cycle)
+                        stats.flush()
                     cycle_start = None
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                    if stats is not None:
+                        stats.restart()
                     continue
                 started = time.perf_counter()
                 if stats is not None and cycle_start is not None:  # the last iteration, its consumers included

@@ -1,8 +1,9 @@
 """Periodic statistics in the log (vLLM's "Avg prompt throughput: ..." line), plus the loop's steps.
 
-The AsyncEngine records each loop iteration (its wall time, the time it sat blocked on the
-device, and the shape of the step it launched) and, at most every `interval` seconds while the
-engine works, logs throughput, running / waiting requests, KV-cache usage, the prefix-cache hit
+The AsyncEngine records each loop iteration (its wall time, consumers included, the time it sat
+blocked on the device, and the shape of the step it waited for) and, at most every `interval`
+seconds while the engine works and when it goes idle, logs throughput (prompt tokens counted when
+scheduled, generated ones when read), running / waiting requests, KV-cache usage, the prefix-cache hit
 rate over the interval, and the iterations' median, p99 and longest time with what the longest
 one held: the line that says whether a latency tail comes from prefill chunks (long steps,
 blocked on the device) or from the host. --disable-log-stats turns it off.
@@ -41,6 +42,17 @@ class StatsLogger:
         if now - self.since >= self.interval:
             logger.info("%s", self.line(now))
             self._reset(now)
+
+    def flush(self) -> None:
+        """The engine goes idle: log what the interval holds, if anything."""
+        if self.durations:
+            now = time.monotonic()
+            logger.info("%s", self.line(now))
+            self._reset(now)
+
+    def restart(self) -> None:
+        """The engine has work again: the interval starts now (idle time is not averaged in)."""
+        self._reset(time.monotonic())
 
     def line(self, now: float) -> str:
         core, kv, sched = self.core, self.core.kv, self.core.scheduler

@@ -5,8 +5,8 @@ time to /health), and the engine reads a dozen fields. For the model types we ru
 are read here from the JSON with transformers' class defaults and its post-init rules (head_dim and
 kv heads derived, Qwen's sliding window only when use_sliding_window, Qwen's layer_types);
 tests/aio_engine/test_hf_config.py holds them equal to AutoConfig's. Anything else (another model
-type, a nested text_config, a rope type whose inverse frequencies come from transformers) goes
-through AutoConfig as before.
+type, a nested text_config, a rope type whose inverse frequencies come from transformers, both
+rope_parameters and rope_scaling given, --hf-overrides) goes through AutoConfig as before.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ _OWN_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def load_hf_config(folder: Path, overrides: dict[str, Any] | None = None) -> Any:
-    """folder/config.json as an attribute object, `overrides` (--hf-overrides) set on it afterwards
-    (as AutoConfig.from_pretrained sets them: after the derived fields, which they do not change)."""
+    """folder/config.json as an attribute object; with `overrides` (--hf-overrides), AutoConfig's
+    (which keys it takes, and how, depends on the class: not worth copying for a rare flag)."""
     raw = json.loads((Path(folder) / "config.json").read_text())
-    if not _reads_itself({**raw, **(overrides or {})}):
+    if overrides or not _reads_itself(raw):
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(folder, **(overrides or {}))
@@ -57,13 +57,14 @@ def load_hf_config(folder: Path, overrides: dict[str, Any] | None = None) -> Any
                 "sliding_attention" if config.sliding_window is not None and i >= config.max_window_layers
                 else "full_attention" for i in range(config.num_hidden_layers)
             ]
-    for key, value in (overrides or {}).items():
-        setattr(config, key, value)
     return config
 
 
 def _reads_itself(raw: dict[str, Any]) -> bool:
     if raw.get("model_type") not in CLASS_DEFAULTS or "text_config" in raw:
         return False
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    given = [r for r in (raw.get("rope_parameters"), raw.get("rope_scaling")) if r]
+    if len(given) > 1:  # which one wins, and how they merge, is transformers' business
+        return False
+    rope = given[0] if given else {}
     return rope.get("rope_type", rope.get("type", "default")) in _OWN_ROPE_TYPES

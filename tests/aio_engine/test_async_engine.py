@@ -278,3 +278,19 @@ async def test_disable_log_stats_logs_nothing(make_async_engine, caplog):
     await collect(engine, prompt(3), params(4))
     assert engine.stats is None
     assert not [r for r in caplog.records if r.name == "aio_engine.stats"]
+
+
+async def test_going_idle_logs_the_interval_with_every_iteration(make_async_engine, caplog):
+    engine = make_async_engine()
+    caplog.set_level("INFO", logger="aio_engine.stats")
+    await collect(engine, prompt(4, length=9), params(7))
+    await wait_until_idle(engine)
+    for _ in range(100):  # the loop notices it is idle right after the last output
+        await asyncio.sleep(0.01)
+        lines = [r.getMessage() for r in caplog.records if r.name == "aio_engine.stats"]
+        if lines:
+            break
+    # One line (the interval is 10 s): the prefill and six decode steps waited for, each an iteration.
+    [line] = lines
+    assert "loop: 8 iterations" in line, line
+    assert "Running: 0 reqs, Waiting: 0 reqs" in line

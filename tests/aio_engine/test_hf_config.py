@@ -51,10 +51,10 @@ def view(config) -> dict:
     }
 
 
-def assert_same_view(folder: Path, overrides: dict | None = None) -> None:
-    ours = load_hf_config(folder, overrides)
+def assert_same_view(folder: Path) -> None:
+    ours = load_hf_config(folder)
     assert not isinstance(ours, transformers.PreTrainedConfig), "read through transformers, not by itself"
-    theirs = transformers.AutoConfig.from_pretrained(folder, **(overrides or {}))
+    theirs = transformers.AutoConfig.from_pretrained(folder)
     a, b = view(ours), view(theirs)
     rope_a, rope_b = a.pop("rope"), b.pop("rope")
     assert a == b
@@ -119,13 +119,10 @@ def test_legacy_rope_keys_and_torch_dtype_read_as_transformers_reads_them(tmp_pa
     assert_same_view(written(tmp_path, "legacy", fields))
 
 
-def test_overrides_are_set_after_the_derived_fields_as_transformers_sets_them(tmp_path):
+def test_overrides_go_through_transformers(tmp_path):
     folder = written(tmp_path, "q", dict(SMALL, architectures=["Qwen3ForCausalLM"], model_type="qwen3"))
-    overrides = {"num_hidden_layers": 3, "use_sliding_window": True, "max_window_layers": 1, "sliding_window": 4}
-    assert_same_view(folder, overrides)
-    config = load_hf_config(folder, overrides)
-    assert config.num_hidden_layers == 3 and config.sliding_window == 4
-    assert config.layer_types == ["full_attention"] * 4  # derived from the file's fields, as transformers does
+    config = load_hf_config(folder, {"num_hidden_layers": 3, "torch_dtype": "bfloat16"})
+    assert isinstance(config, transformers.Qwen3Config) and config.num_hidden_layers == 3
 
 
 def test_what_it_does_not_read_itself_goes_through_transformers(tmp_path):
@@ -135,6 +132,11 @@ def test_what_it_does_not_read_itself_goes_through_transformers(tmp_path):
     config = load_hf_config(yarn)
     assert isinstance(config, transformers.Qwen3Config)
     torch.testing.assert_close(rope_cache(config, 16, 64), rope_cache(transformers.AutoConfig.from_pretrained(yarn), 16, 64))
+    # rope_scaling beside rope_parameters (how Qwen's docs say to turn yarn on): transformers merges them.
+    both = written(tmp_path, "both", dict(SMALL, architectures=["Qwen3ForCausalLM"], model_type="qwen3",
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                          rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    assert isinstance(load_hf_config(both), transformers.Qwen3Config)
     other = saved(tmp_path, "gpt2", transformers.GPT2Config(n_layer=1))
     assert isinstance(load_hf_config(other), transformers.GPT2Config)
 
