@@ -249,6 +249,8 @@ class AsyncEngine:
                 del self._collectors[output.request_id]
 
     async def shutdown(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
         if self._task is not None:
             self._task.cancel()
             try:

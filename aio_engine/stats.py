@@ -4,13 +4,14 @@ The AsyncEngine records each loop iteration (its wall time, consumers included, 
 blocked on the device, and the shape of the step it waited for) and, at most every `interval`
 seconds while the engine works and when it goes idle, logs throughput (prompt tokens counted when
 scheduled, generated ones when read), running / waiting requests, KV-cache usage, the prefix-cache hit
-rate over the interval, and the iterations' median, p99 and longest time with what the longest
-one held: the line that says whether a latency tail comes from prefill chunks (long steps,
+rate over the interval, the iterations' median, p99 and longest time with what the longest one
+held, and the garbage collector's pauses: the line that says whether a latency tail comes from prefill chunks (long steps,
 blocked on the device) or from the host. --disable-log-stats turns it off.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -23,7 +24,20 @@ class StatsLogger:
         self.interval = interval
         self.durations: list[float] = []
         self.longest: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # seconds, blocked, prefill tokens, decode rows
+        self.gc_pauses: list[float] = []  # the interval's garbage collections (seconds): they stall every stream
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
         self._reset(time.monotonic())
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_pauses.append(time.perf_counter() - self._gc_start)
 
     def _reset(self, now: float) -> None:
         core, kv = self.core, self.core.kv
@@ -32,6 +46,7 @@ class StatsLogger:
         self.queries, self.hits = kv.prefix_queries, kv.prefix_hits
         self.durations = []
         self.longest = (0.0, 0.0, 0, 0)
+        self.gc_pauses = []
 
     def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int) -> None:
         """One loop iteration; logs (and starts a new interval) when the interval is over."""
@@ -69,4 +84,7 @@ class StatsLogger:
             text += (f"; loop: {len(ms)} iterations, median {ms[len(ms) // 2]:.2f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.2f} ms, "
                      f"longest {1e3 * seconds:.2f} ms ({prefill} prefill tokens, {decode} decode rows, "
                      f"{1e3 * blocked:.2f} ms blocked on the device)")
+        if self.gc_pauses:
+            text += (f"; GC: {len(self.gc_pauses)} collections, {1e3 * sum(self.gc_pauses):.1f} ms, "
+                     f"longest {1e3 * max(self.gc_pauses):.1f} ms")
         return text

@@ -9,6 +9,7 @@ client that disconnects cancels its handler (handler_cancellation), which aborts
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import weakref
 
@@ -77,9 +78,21 @@ async def start_server(engine: AsyncEngine, settings: ServerSettings, host: str,
     return runner
 
 
+def freeze_startup_heap() -> None:
+    """Take what startup allocated (torch, transformers, inductor's graphs, the model, the KV
+    cache's block lists: hundreds of thousands of objects) out of the garbage collector's walks. A
+    full collection walks every tracked object: 100-220 ms measured on the CPU machine with -O0's
+    ~370k objects, and on the H100 the -O2 server's loop had 50-125 ms iterations with nothing
+    blocked on the device, each a stall of every stream. What it freezes lives as long as the
+    server (as vLLM does after startup)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(engine: AsyncEngine, settings: ServerSettings, host: str, port: int) -> None:
     """Run the app until cancelled, then stop it and shut the engine down."""
     runner = await start_server(engine, settings, host, port)
+    freeze_startup_heap()
     try:
         await asyncio.Event().wait()
     finally:

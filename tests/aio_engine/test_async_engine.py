@@ -4,6 +4,7 @@ reaching every caller, concurrency, stream intervals, output kinds and the slow-
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -294,3 +295,24 @@ async def test_going_idle_logs_the_interval_with_every_iteration(make_async_engi
     [line] = lines
     assert "loop: 8 iterations" in line, line
     assert "Running: 0 reqs, Waiting: 0 reqs" in line
+
+
+async def test_the_stats_line_counts_garbage_collections_and_shutdown_unhooks_it(make_async_engine, caplog):
+    engine = make_async_engine()
+    caplog.set_level("INFO", logger="aio_engine.stats")
+    hooks = len(gc.callbacks)
+    stream = engine.generate(prompt(5), params(6))
+    await asyncio.wait_for(stream.__anext__(), TIMEOUT)
+    gc.collect()  # a full collection while the request runs
+    async for _ in stream:
+        pass
+    await wait_until_idle(engine)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        lines = [r.getMessage() for r in caplog.records if r.name == "aio_engine.stats"]
+        if lines:
+            break
+    [line] = lines
+    assert "; GC: " in line and "collections" in line, line
+    await engine.shutdown()
+    assert len(gc.callbacks) == hooks - 1
