@@ -3,10 +3,10 @@
 The AsyncEngine records each loop iteration (its wall time, consumers included, the time it sat
 blocked on the device, and the shape of the step it waited for) and, at most every `interval`
 seconds while the engine works and when it goes idle, logs throughput (prompt tokens counted when
-scheduled, generated ones when read), running / waiting requests, KV-cache usage, the prefix-cache hit
-rate over the interval, the iterations' median, p99 and longest time with what the longest one
-held, and the garbage collector's pauses: the line that says whether a latency tail comes from prefill chunks (long steps,
-blocked on the device) or from the host. --disable-log-stats turns it off.
+scheduled, generated ones when read), running / waiting requests, KV-cache usage, the prefix-cache
+hit rate over the interval, the iterations' median, p99 and longest time with what the longest one
+held, and the garbage collector's pauses: the line that says whether a latency tail comes from
+prefill chunks (long steps, blocked on the device) or from the host. --disable-log-stats turns it off.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import weakref
 
 logger = logging.getLogger("aio_engine.stats")
 
@@ -26,12 +27,22 @@ class StatsLogger:
         self.longest: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # seconds, blocked, prefill tokens, decode rows
         self.gc_pauses: list[float] = []  # the interval's garbage collections (seconds): they stall every stream
         self._gc_start = 0.0
-        gc.callbacks.append(self._on_gc)
+        # The hook holds this logger weakly: an engine dropped without shutdown() must not be kept
+        # alive (model, KV cache) by the interpreter's callback list.
+        method = weakref.WeakMethod(self._on_gc)
+
+        def hook(phase: str, info: dict) -> None:
+            on_gc = method()
+            if on_gc is not None:
+                on_gc(phase, info)
+
+        self._hook = hook
+        gc.callbacks.append(hook)
         self._reset(time.monotonic())
 
     def close(self) -> None:
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)
+        if self._hook in gc.callbacks:
+            gc.callbacks.remove(self._hook)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":

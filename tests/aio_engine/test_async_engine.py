@@ -316,3 +316,20 @@ async def test_the_stats_line_counts_garbage_collections_and_shutdown_unhooks_it
     assert "; GC: " in line and "collections" in line, line
     await engine.shutdown()
     assert len(gc.callbacks) == hooks - 1
+
+
+def test_an_engine_dropped_without_shutdown_is_not_kept_alive_by_its_gc_hook():
+    import weakref
+
+    from aio_engine.stats import StatsLogger
+
+    class Core:  # what StatsLogger reads
+        num_prompt_tokens_computed = num_generated_tokens = 0
+        kv = type("KV", (), {"prefix_queries": 0, "prefix_hits": 0})()
+
+    core = Core()
+    stats = StatsLogger(core)
+    gone = weakref.ref(stats)
+    del stats
+    gc.collect()
+    assert gone() is None
