@@ -8,6 +8,8 @@
 # Parts (default: idle serving startup), in the order given:
 #   idle          GPU idle between steps, async scheduling on/off, batch 64, qwen3-0.6b   (~1.5 min)
 #   serving       SSE, 400 requests, 100-1024 in/out, 16 req/s and inf, --stream-interval 1 and 8 (~4 min)
+#   serving-host  the server's host path alone (no model: benchmarks/serving_host.py), 64 and 256
+#                 streams, --stream-interval 1 and 8, Qwen3's tokenizer when built           (~1.5 min)
 #   startup       process start to /health, -O0 and -O2, cold and warm compile cache    (~2-3 min)
 #   startup-all   the same for -O1 and -O3                                               (~3-5 min)
 #   peer          benchmarks/peer_hf.py: transformers beside us (latency, continuous batching) (~4 min)
@@ -101,6 +103,15 @@ for part in "${parts[@]}"; do
   case $part in
     idle)
       run idle 150 $PY benchmarks/idle.py --model "$MODEL" $COMMON $IDLE --jsonl "$R" ;;
+    serving-host)
+      tok=""
+      [ -f benchmarks/tokenizers/qwen3/tokenizer.json ] && tok="--tokenizer benchmarks/tokenizers/qwen3"
+      for streams in 64 256; do
+        for si in 1 8; do
+          run "serving-host-$streams-si$si" 60 $PY benchmarks/serving_host.py --streams $streams --output-len 200 \
+            --stream-interval $si $tok --jsonl "$R"
+        done
+      done ;;
     serving)
       for si in 1 8; do
         run "serving-si$si" 200 $PY benchmarks/serving.py $SERVE --request-rate 16 inf --max-seconds 90 \

@@ -173,3 +173,17 @@ def test_idle_runs_on_cpu_and_reports_gpu_figures_as_not_applicable(tmp_path):
     assert on["timed"]["ahead"] > 0.5 and off["timed"]["ahead"] == 0.0
     assert on["batch"] == 4 and on["gpu"]["gpu"].startswith("n/a")
     assert on["timed"]["ms_per_step"] > 0 and "launch" in on["timed"]["host_ms_per_step"]
+
+
+def test_serving_host_streams_every_token_through_the_real_server(tmp_path):
+    out = tmp_path / "host.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving_host.py"), "--streams", "6", "--output-len", "20",
+         "--max-model-len", "128", "--port", "0", "--jsonl", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [record] = common.read_records([out])
+    assert record["bench"] == "serving_host" and record["streams"] == 6
+    # Every token arrives as its own SSE chunk (stream interval 1): 6 x 20 tokens, 6 x 19 gaps.
+    assert record["output_tokens_per_s"] > 0 and record["chunks_per_s"] == pytest.approx(record["output_tokens_per_s"], rel=0.05)
+    assert record["iteration_ms_p50"] > 0
