@@ -137,7 +137,8 @@ class Generation:
 
     async def _one(self, i: int) -> AsyncIterator[RequestOutput]:
         """Outputs of engine request i, with the timings metrics need."""
-        last, tokens, gaps = None, 0, []
+        last, tokens = None, 0
+        metrics = self.ctx.metrics
         log_outputs = self.ctx.settings.enable_log_outputs
         texts: dict[int, str] = {}
         out = await self._firsts[i]
@@ -145,7 +146,7 @@ class Generation:
             t = time.monotonic()
             new = sum(len(c.token_ids) for c in out.outputs)
             if last is not None and new:
-                gaps.append((t - last, new))
+                metrics.observe_gap(t - last, new)
             if new:
                 last = t
             tokens += new  # DELTA outputs add up; a FINAL_ONLY output holds them all
@@ -153,7 +154,7 @@ class Generation:
                 for c in out.outputs:
                     texts[c.index] = texts.get(c.index, "") + c.text
             if out.finished:
-                self.ctx.metrics.observe_finished(out, tokens, gaps)
+                metrics.observe_finished(out, tokens)
                 if log_outputs:
                     limit = self.ctx.settings.max_log_len
                     logger.info("request %s finished (%s): %s", self.request_ids[i],

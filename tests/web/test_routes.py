@@ -160,3 +160,17 @@ async def test_client_disconnect_aborts_the_request_at_once(client):
     assert not engine.core.scheduler.requests
     assert engine.core.num_steps - steps < 20  # gone long before its 140 tokens
     assert engine.core.kv.num_free_blocks == engine.core.kv.num_blocks
+
+
+async def test_inter_token_latencies_are_observed_while_the_stream_runs(engine):
+    async with serve_app(engine) as c:
+        before = _metric(await c.api.metrics(), "aio_engine:inter_token_latency_seconds_count") or 0
+        stream = c.api.completions_stream(prompt="abc", max_tokens=12, ignore_eos=True)
+        got = 0
+        async for chunk in stream:
+            got += bool(chunk["choices"] and chunk["choices"][0]["text"] is not None)
+            if got == 6:
+                break
+        midway = _metric(await c.api.metrics(), "aio_engine:inter_token_latency_seconds_count")
+        await stream.aclose()
+    assert midway - before >= 4  # the gaps so far, before the request has finished
