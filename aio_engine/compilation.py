@@ -42,17 +42,19 @@ from .models.layers import set_compiler_fusion
 logger = logging.getLogger(__name__)
 
 
-def configure_caches(cache_dir: str | Path) -> None:
+def configure_caches(cache_dir: str | Path, compiles: bool) -> None:
     """Keep inductor's and Triton's compiled code on disk under `cache_dir` (process-wide), so a
     second start reuses it. Inductor has no setting for its folder other than the variable it
-    reads itself, so it is set here, once, from the config."""
+    reads itself, so it is set here, once, from the config. Inductor itself is imported (seconds)
+    only when the model `compiles`: -O0 runs Triton kernels, not inductor."""
     import triton
 
     root = Path(cache_dir).expanduser()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     triton.knobs.cache.dir = str(root / "triton")
-    torch._inductor.config.fx_graph_cache = True  # compiled graphs, keyed by graph and options
-    torch._inductor.config.autotune_local_cache = True
+    if compiles:
+        torch._inductor.config.fx_graph_cache = True  # compiled graphs, keyed by graph and options
+        torch._inductor.config.autotune_local_cache = True
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@ random weights of the right shapes (`--load-format dummy`). One tqdm bar step pe
 
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import json
 import logging
@@ -87,11 +89,35 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.02, generator=gen)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """torch.nn.init as no-ops while the model is built on the meta device: there is no data to
+    fill, and on meta tensors those functions run through torch's reference ops, whose first use
+    imports dynamo (1-2 s of -O0's startup)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 def load_model(config: EngineConfig) -> torch.nn.Module:
     """Build the model on the target device with the configured dtype and fill its weights."""
     mc = config.model
     cls = model_class(getattr(mc.hf_config, "architectures", None))
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = cls(mc.hf_config)
     model = model.to_empty(device=config.device).to(mc.dtype)
     if config.load.load_format == "dummy":

@@ -40,7 +40,8 @@ class ModelRunner:
         self.device = config.device
         mc = config.model
         torch.manual_seed(mc.seed)
-        configure_caches(config.compilation.cache_dir)  # before any kernel or graph is compiled
+        # Before any kernel or graph is compiled.
+        configure_caches(config.compilation.cache_dir, compiles=config.compilation.mode == "compile")
         start = time.perf_counter()
         self.model = load_model(config)
         logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype, time.perf_counter() - start)

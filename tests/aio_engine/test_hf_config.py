@@ -141,12 +141,18 @@ def test_what_it_does_not_read_itself_goes_through_transformers(tmp_path):
     assert isinstance(load_hf_config(other), transformers.GPT2Config)
 
 
-def test_building_the_engine_config_does_not_import_transformers():
-    code = ("import sys\nfrom aio_engine.config import EngineArgs\n"
+def test_an_eager_engine_starts_without_importing_transformers_dynamo_or_inductor():
+    """Each costs seconds of -O0's startup: config.json is read by hf_config, the model is built on
+    the meta device without torch.nn.init (whose reference ops import dynamo), and inductor's
+    settings are only touched when the model compiles."""
+    code = ("import sys\nfrom aio_engine.config import EngineArgs\nfrom aio_engine.engine_core import EngineCore\n"
             "c = EngineArgs(model='benchmarks/models/qwen3-0.6b', skip_tokenizer_init=True, max_model_len=1024)"
             ".create_engine_config()\n"
             "assert c.model.head_dim == 128 and c.model.num_kv_heads == 8, c.model\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+            "core = EngineCore(EngineArgs(model='aio_engine/default_model', skip_tokenizer_init=True, enforce_eager=True,"
+            " num_gpu_blocks_override=16).create_engine_config())\n"
+            "print(sorted({m.split('.')[0] + ('.' + m.split('.')[1] if m.startswith('torch.') else '') for m in sys.modules"
+            " if m.split('.')[0] == 'transformers' or m.startswith(('torch._dynamo', 'torch._inductor'))}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
