@@ -89,6 +89,19 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.02, generator=gen)
 
 
+def build_on_meta(cls: type, hf_config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model's modules on the meta device with parameters already in `dtype`, so that
+    to_empty() allocates the weights once, in their dtype (built in float32 and converted, an
+    8B model took 32 GB and then 16 GB more on the GPU)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"), _no_init():
+            return cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                    "sparse_")
@@ -117,9 +130,7 @@ def load_model(config: EngineConfig) -> torch.nn.Module:
     """Build the model on the target device with the configured dtype and fill its weights."""
     mc = config.model
     cls = model_class(getattr(mc.hf_config, "architectures", None))
-    with torch.device("meta"), _no_init():
-        model = cls(mc.hf_config)
-    model = model.to_empty(device=config.device).to(mc.dtype)
+    model = build_on_meta(cls, mc.hf_config, mc.dtype).to_empty(device=config.device).to(mc.dtype)
     if config.load.load_format == "dummy":
         init_dummy_weights(model, mc.seed)
     else:

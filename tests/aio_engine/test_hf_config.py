@@ -156,3 +156,15 @@ def test_an_eager_engine_starts_without_importing_transformers_dynamo_or_inducto
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_model_is_built_with_its_weights_in_the_target_dtype(dtype):
+    from aio_engine.loader import build_on_meta
+
+    config = load_hf_config(ROOT / "benchmarks/models/qwen3-0.6b")
+    before = torch.get_default_dtype()
+    model = build_on_meta(model_class(config.architectures), config, dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype} and {p.device.type for p in model.parameters()} == {"meta"}
+    assert torch.get_default_dtype() == before
+    assert torch.nn.init.normal_(torch.zeros(2), 0.0, 1.0).abs().sum() > 0  # torch.nn.init is itself again
