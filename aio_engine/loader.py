@@ -4,7 +4,6 @@ random weights of the right shapes (`--load-format dummy`). One tqdm bar step pe
 from __future__ import annotations
 
 import contextlib
-
 import fnmatch
 import json
 import logging

@@ -82,9 +82,9 @@ def freeze_startup_heap() -> None:
     """Take what startup allocated (torch, transformers, inductor's graphs, the model, the KV
     cache's block lists: hundreds of thousands of objects) out of the garbage collector's walks. A
     full collection walks every tracked object: 100-220 ms measured on the CPU machine with -O0's
-    ~370k objects, and on the H100 the -O2 server's loop had 50-125 ms iterations with nothing
-    blocked on the device, each a stall of every stream. What it freezes lives as long as the
-    server (as vLLM does after startup)."""
+    ~370k objects; on the H100 the -O2 server's loop had 50-125 ms iterations with nothing
+    blocked on the device (such collections the likely cause), each a stall of every stream. What
+    it freezes lives as long as the server (as vLLM does after startup)."""
     gc.collect()
     gc.freeze()
 
