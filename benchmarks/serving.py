@@ -6,8 +6,10 @@ Requests arrive as a Poisson process at --request-rate (inf: all at once), at mo
 --max-concurrency in flight; several rates run one after the other against the same server.
 Reports time to first token, time per output token (after the first), inter-token latency
 between streamed chunks (a chunk holds --stream-interval tokens), end-to-end latency (mean, p50,
-p90, p99) and throughput. Each rate's run is bounded by --max-seconds (requests still open then
-count as failed).
+p90, p99) and throughput, and beside them the server's own TTFT / ITL quantiles from its /metrics
+histograms (read before and after each rate; a bucket's upper bound, so coarse, but free of the
+client's loop lag). Each rate's run is bounded by --max-seconds (requests still open then count as
+failed).
 
 Without --base-url it starts `aio-engine serve` in a subprocess with the remaining flags (the
 server's --stream-interval among them). A model folder without a tokenizer (benchmarks/models)
@@ -82,6 +84,34 @@ async def one_request(client: AsyncClient, ws, body: dict, request_id: str) -> R
     return result
 
 
+def histogram_counts(text: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) of one histogram in a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            return {float(s.labels["le"]): s.value for s in family.samples if s.name == name + "_bucket"}
+    return {}
+
+
+def server_quantiles(before: dict[float, float], after: dict[float, float]) -> dict:
+    """p50 / p90 / p99 of what the server observed between two /metrics reads, as the upper bound
+    (ms) of the bucket each falls in: the server's own view, free of the client's loop lag."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    out = {}
+    for q in (0.5, 0.9, 0.99):
+        le = next((b for b, c in zip(bounds, counts) if total and c >= q * total), None)
+        out[f"p{round(q * 100)}"] = None if le is None else (round(le * 1e3, 3) if le != float("inf") else "inf")
+    out["count"] = total
+    return out
+
+
+SERVER_HISTOGRAMS = {"server_ttft_ms_le": "aio_engine:time_to_first_token_seconds",
+                     "server_itl_ms_le": "aio_engine:inter_token_latency_seconds"}
+
+
 def summary(values: list[float], scale: float = 1000.0) -> dict:
     """Milliseconds: mean, p50, p90, p99."""
     return percentiles(values, scale)
@@ -105,6 +135,8 @@ async def run(ns: argparse.Namespace, base_url: str, request_rate: float) -> dic
                 async with limit:
                     return await one_request(client, ws, body, request_id)
 
+            page = await client.metrics()
+            before = {key: histogram_counts(page, name) for key, name in SERVER_HISTOGRAMS.items()}
             tasks = []
             start = time.perf_counter()
             for i, body in enumerate(bodies):
@@ -116,6 +148,9 @@ async def run(ns: argparse.Namespace, base_url: str, request_rate: float) -> dic
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
             elapsed = time.perf_counter() - start
+            page = await client.metrics()
+            server = {key: server_quantiles(before[key], histogram_counts(page, name))
+                      for key, name in SERVER_HISTOGRAMS.items()}
             results = [t.result() if not t.cancelled() else Result(error=f"timeout after {ns.max_seconds:.0f}s")
                        for t in tasks]
         finally:
@@ -135,6 +170,7 @@ async def run(ns: argparse.Namespace, base_url: str, request_rate: float) -> dic
         "total_tokens_per_s": round((output_tokens + sum(r.prompt_tokens for r in done)) / elapsed, 1),
         "ttft_ms": summary([r.ttft for r in done]), "tpot_ms": summary(tpot),
         "itl_ms": summary([x for r in done for x in r.itl]), "e2e_ms": summary([r.e2e for r in done]),
+        **server,
     }
 
 
@@ -220,8 +256,9 @@ def main() -> None:
             results.append(result)
             print(f"Serving at {rate} req/s: {result['completed']}/{ns.num_prompts} requests in {result['elapsed_s']:.2f}s, "
                   f"{result['output_tokens_per_s']:.1f} output tokens/s; TTFT p50 {result['ttft_ms']['p50']} / p99 "
-                  f"{result['ttft_ms']['p99']} ms, TPOT p50 {result['tpot_ms']['p50']} ms, ITL p99 {result['itl_ms']['p99']} ms",
-                  flush=True)
+                  f"{result['ttft_ms']['p99']} ms, TPOT p50 {result['tpot_ms']['p50']} ms, ITL p99 {result['itl_ms']['p99']} ms; "
+                  f"the server's own histograms: TTFT p99 <= {result['server_ttft_ms_le']['p99']} ms, "
+                  f"ITL p99 <= {result['server_itl_ms_le']['p99']} ms", flush=True)
             emit("serving", result, jsonl_path=ns.jsonl)
     finally:
         if process is not None:
@@ -233,14 +270,14 @@ def main() -> None:
                 process.wait()
         scratch.cleanup()
     print("\n| rate | stream interval | done | out tok/s | TTFT p50/p90/p99 (ms) | TPOT p50/p90/p99 | ITL p50/p90/p99 | "
-          "E2E p50/p90/p99 (s) |\n|---|---|---|---|---|---|---|---|")
+          "E2E p50/p90/p99 (s) | server TTFT / ITL p99 <= (ms) |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
         def cells(key: str, scale: float = 1.0) -> str:
             return " / ".join("-" if r[key][q] is None else f"{r[key][q] * scale:.4g}" for q in ("p50", "p90", "p99"))
 
         print(f"| {r['request_rate']} | {r['stream_interval']} | {r['completed']}/{r['num_prompts']} | "
               f"{r['output_tokens_per_s']} | {cells('ttft_ms')} | {cells('tpot_ms')} | {cells('itl_ms')} | "
-              f"{cells('e2e_ms', 1e-3)} |")
+              f"{cells('e2e_ms', 1e-3)} | {r['server_ttft_ms_le']['p99']} / {r['server_itl_ms_le']['p99']} |")
     if ns.json:
         ns.json.write_text(json.dumps(results, indent=2))
 

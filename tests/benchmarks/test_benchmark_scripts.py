@@ -187,3 +187,23 @@ def test_serving_host_streams_every_token_through_the_real_server(tmp_path):
     # Every token arrives as its own SSE chunk (stream interval 1): 6 x 20 tokens, 6 x 19 gaps.
     assert record["output_tokens_per_s"] > 0 and record["chunks_per_s"] == pytest.approx(record["output_tokens_per_s"], rel=0.05)
     assert record["iteration_ms_p50"] > 0
+
+
+def test_serving_reads_the_servers_quantiles_from_the_histograms_difference():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    import serving
+
+    registry = CollectorRegistry()
+    itl = Histogram("aio_engine:inter_token_latency_seconds", "x", ["model_name"], registry=registry,
+                    buckets=(0.01, 0.02, 0.05, 0.1))
+    for value in (0.5, 0.5, 0.5):  # before the run: must not count
+        itl.labels("m").observe(value)
+    name = "aio_engine:inter_token_latency_seconds"
+    before = serving.histogram_counts(generate_latest(registry).decode(), name)
+    for value in [0.005] * 60 + [0.015] * 35 + [0.04] * 4 + [0.07]:
+        itl.labels("m").observe(value)
+    after = serving.histogram_counts(generate_latest(registry).decode(), name)
+    got = serving.server_quantiles(before, after)
+    assert got == {"p50": 10.0, "p90": 20.0, "p99": 50.0, "count": 100.0}
+    assert serving.server_quantiles({}, {})["p99"] is None
