@@ -79,7 +79,6 @@ class AsyncEngine:
         obs = config.observability
         self.stats = StatsLogger(self.core, obs.log_stats_interval) if obs.log_stats else None
         self._blocked = 0.0  # seconds this iteration waited for the worker thread (the device, on CUDA)
-        self._last_cycle: tuple[float, int, int] = (0.0, 0, 0)  # blocked, prefill tokens, decode rows
         # On CUDA a launch only queues work; on CPU it computes the step, so it goes to the worker.
         self._launch_inline = config.device.type == "cuda"
 
@@ -173,29 +172,22 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         core = self.core
         stats = self.stats
-        cycle_start = None  # when the iteration before this one began (None after idling)
         try:
             while True:
                 if not core.has_unfinished:
-                    if stats is not None and cycle_start is not None:  # the burst's last iteration, then its line
-                        stats.record(time.perf_counter() - cycle_start, *self._last_cycle)
-                        stats.flush()
-                    cycle_start = None
+                    if stats is not None:
+                        stats.idle()
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                    if stats is not None:
-                        stats.restart()
                     continue
-                started = time.perf_counter()
-                if stats is not None and cycle_start is not None:  # the last iteration, its consumers included
-                    stats.record(started - cycle_start, *self._last_cycle)
-                cycle_start, self._blocked = started, 0.0
+                if stats is not None:
+                    stats.begin()
+                self._blocked = 0.0
                 for output in await self._run_phases(loop, core.phases()):
                     self._deliver(output)
                 if stats is not None:
-                    done, core.last_finished = core.last_finished, None
-                    self._last_cycle = (self._blocked, done.num_prefill_tokens if done else 0,
-                                        len(done.scheduled) - done.num_prefill_rows if done else 0)
+                    stats.end(self._blocked, core.last_finished)
+                    core.last_finished = None
                 await asyncio.sleep(0)  # let consumers and the web layer run between steps
         except asyncio.CancelledError:
             raise

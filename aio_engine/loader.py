@@ -129,7 +129,7 @@ def load_model(config: EngineConfig) -> torch.nn.Module:
     """Build the model on the target device with the configured dtype and fill its weights."""
     mc = config.model
     cls = model_class(getattr(mc.hf_config, "architectures", None))
-    model = build_on_meta(cls, mc.hf_config, mc.dtype).to_empty(device=config.device).to(mc.dtype)
+    model = build_on_meta(cls, mc.hf_config, mc.dtype).to_empty(device=config.device)
     if config.load.load_format == "dummy":
         init_dummy_weights(model, mc.seed)
     else:

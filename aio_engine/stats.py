@@ -27,6 +27,8 @@ class StatsLogger:
         self.longest: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # seconds, blocked, prefill tokens, decode rows
         self.gc_pauses: list[float] = []  # the interval's garbage collections (seconds): they stall every stream
         self._gc_start = 0.0
+        self._cycle_start: float | None = None  # when the running iteration began (None while idle)
+        self._cycle: tuple[float, int, int] = (0.0, 0, 0)  # its blocked seconds, prefill tokens, decode rows
         # The hook holds this logger weakly: an engine dropped without shutdown() must not be kept
         # alive (model, KV cache) by the interpreter's callback list.
         method = weakref.WeakMethod(self._on_gc)
@@ -59,6 +61,31 @@ class StatsLogger:
         self.longest = (0.0, 0.0, 0, 0)
         self.gc_pauses = []
 
+    def begin(self) -> None:
+        """An iteration of the engine loop starts: the one before it (its consumers included) ends."""
+        now = time.perf_counter()
+        if self._cycle_start is None:  # the first after idling: the interval starts now
+            self._reset(time.monotonic())
+        else:
+            self.record(now - self._cycle_start, *self._cycle)
+        self._cycle_start = now
+
+    def end(self, blocked: float, done) -> None:
+        """The iteration's step work is over: `blocked` seconds on the device, `done` the
+        SchedulerOutput of the step it waited for (None if none)."""
+        if done is None:
+            self._cycle = (blocked, 0, 0)
+        else:
+            self._cycle = (blocked, done.num_prefill_tokens, len(done.scheduled) - done.num_prefill_rows)
+
+    def idle(self) -> None:
+        """The engine has nothing left: the last iteration ends, and the interval's line is logged."""
+        if self._cycle_start is not None:
+            self.record(time.perf_counter() - self._cycle_start, *self._cycle)
+            self._cycle_start = None
+            if self.durations:
+                self._log(time.monotonic())
+
     def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int) -> None:
         """One loop iteration; logs (and starts a new interval) when the interval is over."""
         self.durations.append(seconds)
@@ -66,19 +93,11 @@ class StatsLogger:
             self.longest = (seconds, blocked, prefill_tokens, decode_rows)
         now = time.monotonic()
         if now - self.since >= self.interval:
-            logger.info("%s", self.line(now))
-            self._reset(now)
+            self._log(now)
 
-    def flush(self) -> None:
-        """The engine goes idle: log what the interval holds, if anything."""
-        if self.durations:
-            now = time.monotonic()
-            logger.info("%s", self.line(now))
-            self._reset(now)
-
-    def restart(self) -> None:
-        """The engine has work again: the interval starts now (idle time is not averaged in)."""
-        self._reset(time.monotonic())
+    def _log(self, now: float) -> None:
+        logger.info("%s", self.line(now))
+        self._reset(now)
 
     def line(self, now: float) -> str:
         core, kv, sched = self.core, self.core.kv, self.core.scheduler
