@@ -1,8 +1,9 @@
 """EngineCore: one synchronous engine (tokenizer, scheduler, KV-cache manager, runner, outputs).
 
-A step goes through phases: `schedule()` (cheap), `launch()` (queues the forward and usually the
-sampling; blocks on CPU), `runner.wait()` (the host sync), `finish_step()` (tokens -> requests ->
-outputs) and, when the sampling had to wait for the step before, `sample()`. `phases()` is the one
+A step goes through phases: `schedule()` and `stage()` (host work), `enqueue()` (queues the
+forward and usually the sampling; computes on CPU), `runner.wait()` (the host sync),
+`finish_step()` (tokens -> requests -> outputs) and, when the sampling had to wait for the step
+before, `sample()` in the next iteration. `phases()` is the one
 description of their order; `step()` runs it in place for the offline LLM, AsyncEngine runs its
 blocking calls in a worker thread.
 """
@@ -22,7 +23,7 @@ from sampling.params import SamplingParams
 
 from .config import EngineConfig
 from .kv_cache import KVCacheManager
-from .model_runner import LaunchedStep, ModelRunner, StepResult
+from .model_runner import LaunchedStep, ModelRunner, StagedStep, StepResult
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
@@ -200,13 +201,22 @@ class EngineCore:
         self.num_prompt_tokens_computed += out.num_prefill_tokens
         return out
 
+    def stage(self, out: SchedulerOutput) -> StagedStep:
+        """Build the step's inputs on the host and upload them (nothing waits), feeding it the
+        in-flight step's tokens from the GPU at enqueue()."""
+        return self.runner.stage(out, self.in_flight[1] if self.in_flight else None)
+
+    def enqueue(self, staged: StagedStep) -> LaunchedStep:
+        """Queue the staged step on the GPU without waiting: the forward, and the sampling too
+        unless it needs the step in flight finished first."""
+        return self.runner.enqueue(staged)
+
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
-        """Enqueue the step on the GPU (feeding it the in-flight step's tokens) without waiting:
-        the forward, and the sampling too unless it needs the step in flight finished first."""
-        return self.runner.launch(out, self.in_flight[1] if self.in_flight else None)
+        """stage() and enqueue() at once."""
+        return self.enqueue(self.stage(out))
 
     def sample(self, out: SchedulerOutput, launched: LaunchedStep) -> None:
-        """Enqueue the sampling launch() left, from the requests' state after the step before."""
+        """Enqueue the sampling enqueue() left, from the requests' state after the step before."""
         self.num_late_samplings += 1
         self.runner.sample(out, launched)
 
@@ -243,37 +253,44 @@ class EngineCore:
         outputs. With async scheduling, step N in flight:
 
             schedule N+1     host
-            launch N+1       blocking   forward N+1 queued behind N, its inputs N's ids on the GPU;
+            stage N+1        host       inputs built and uploaded (non-blocking)
+            sample N         blocking   only if N's sampling is late (see below): queued now
+            enqueue N+1      blocking   forward N+1 queued behind N, its inputs N's ids on the GPU;
                                         its sampling too, unless a row samples from its tokens so far
             wait N           blocking   N's ids home (the one host sync)
             finish N         host       tokens appended, grammars advanced (then N+1's bitmask
                                         starts filling in a worker thread), stops, outputs
-            sample N+1       blocking   only if launch left it: rows from the state after N, the
-                                        bitmask (filled while the GPU runs forward N+1), the sampler
 
-        So only the sampler waits for the host, and outputs come one step later. Without async
+        A step whose rows sample from their tokens so far (grammars, penalties, min_tokens, bad
+        words) leaves its sampling to the next iteration ("late"), after its step before is
+        finished: so only the sampler waits for the host, and the late sampler N and forward N+1
+        are queued back to back (the host's schedule and stage of N+1 come before them, while the
+        GPU still runs forward N and the bitmask fills). Outputs come one step later. Without async
         scheduling nothing is in flight at the start, and N+1 is waited for and finished at once.
-        Between iterations the step in flight, if any, is queued whole (sampling included).
         """
         outputs: list[RequestOutput] = []
         out = self.schedule()
-        launched = (yield functools.partial(self.launch, out)) if not out.empty else None
+        staged = self.stage(out) if not out.empty else None
+        if self.in_flight is not None and self.in_flight[1].needs_sampling:
+            yield functools.partial(self.sample, *self.in_flight)
+        launched = (yield functools.partial(self.enqueue, staged)) if staged is not None else None
         if self.in_flight is not None:
             if launched is not None:
                 self.num_steps_run_ahead += 1
             then_sample = (out, launched) if launched is not None and launched.needs_sampling else None
             outputs += yield from self._finish_phases(then_sample)
         if launched is not None:
-            if launched.needs_sampling:
-                yield functools.partial(self.sample, out, launched)
             self.in_flight = (out, launched)
             if not self.config.scheduler.async_scheduling:
                 outputs += yield from self._finish_phases()
         return outputs
 
     def _finish_phases(self, then_sample=None) -> Generator[Callable[[], Any], Any, list[RequestOutput]]:
-        """Wait for the step in flight (a blocking call) and finish it (see finish_step)."""
+        """Wait for the step in flight (sampled first if its sampling is late; blocking calls) and
+        finish it (see finish_step)."""
         out, launched = self.in_flight
+        if launched.needs_sampling:
+            yield functools.partial(self.sample, out, launched)
         self.in_flight = None
         self.last_finished = out
         result = yield functools.partial(self.runner.wait, launched)

@@ -298,31 +298,49 @@ class ModelRunner:
         hidden is a view of the pieces' buffer: read it (enqueue its use) before the next forward."""
         if table_rows is None:
             table_rows = self._table_rows_of(seqs)
+        return self._forward_inputs(self._stage_inputs(seqs, sample_rows, table_rows), fill)
+
+    def _stage_inputs(self, seqs, sample_rows: list[int], table_rows: np.ndarray) -> StagedInputs:
+        """The forward's device inputs, built on the host and uploaded (non-blocking copies)."""
         size = self._graph_size(seqs)
         if size is not None and len(sample_rows) == len(seqs):
             input_ids, _, meta = self._graph_inputs(seqs, size, table_rows)
-            if fill is not None:
-                fill(input_ids, meta.query_start_loc_host)
-            graph, logits = self.graphs[size]
+            return StagedInputs(len(seqs), input_ids, None, meta, None, size)
+        input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows, table_rows=table_rows)
+        return StagedInputs(len(seqs), input_ids, positions, meta, logits_idx)
+
+    def _forward_inputs(self, inputs: StagedInputs, fill=None):
+        """_forward_raw on staged inputs; `fill` writes carried tokens into the input ids first."""
+        meta = inputs.meta
+        if fill is not None:
+            fill(inputs.input_ids, meta.query_start_loc_host)
+        if inputs.graph_size is not None:
+            graph, logits = self.graphs[inputs.graph_size]
             graph.replay()
             self.graph_replays += 1
-            return None, logits[: len(seqs)], meta
-        input_ids, positions, meta, logits_idx = self._build_batch(seqs, sample_rows, table_rows=table_rows)
-        if fill is not None:
-            fill(input_ids, meta.query_start_loc_host)
-        hidden = self._model_forward(input_ids, positions, meta)
-        return hidden, self.model.compute_logits(hidden[logits_idx]), meta  # logits [len(sample_rows), vocab]
+            return None, logits[: inputs.num_seqs], meta
+        hidden = self._model_forward(inputs.input_ids, inputs.positions, meta)
+        return hidden, self.model.compute_logits(hidden[inputs.logits_idx]), meta  # logits [len(sample_rows), vocab]
+
+    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue one step (forward, sampling, copy of the ids home) and return without waiting:
+        stage() then enqueue(); see those."""
+        return self.enqueue(self.stage(out, prev))
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
-        """Enqueue one step (forward, sampling, copy of the ids home) and return without waiting.
+    def stage(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> StagedStep:
+        """The host half of a launch: the step's inputs built and uploaded (non-blocking copies
+        from pinned memory; nothing waits), the rows to sample and to carry decided.
 
         A request whose previous token is still on the GPU (async scheduling) takes it from
-        `prev`'s sampled ids on the device. While `prev` is in flight, the host state some rows
-        sample from (grammar matchers, output ids for penalties, the count for min_tokens, the
-        last tokens for bad words) is a token behind: then only the forward is enqueued, and the
-        step comes back `needs_sampling`, for `sample()` once `prev` is finished on the host.
-        `wait()` gives the step's StepResult.
+        `prev`'s sampled ids on the device, at enqueue(). While `prev` is in flight, the host state
+        some rows sample from (grammar matchers, output ids for penalties, the count for
+        min_tokens, the last tokens for bad words) is a token behind: then enqueue() queues only
+        the forward, and the step comes back `needs_sampling`, for `sample()` once `prev` is
+        finished on the host. `prev` may itself still wait for its sample(): it must have been
+        sampled before enqueue() (this step's forward feeds on its ids), not before stage(), so
+        the engine stages a step first and then queues `prev`'s late sampling and this forward
+        back to back.
         """
         for buf in self.buffers:
             buf.flip()
@@ -357,28 +375,42 @@ class ModelRunner:
                 if last > first:
                     prompt_spans.append((i, first, last))
         step = LaunchedStep(num_rows=len(seqs), sample_rows=sample_rows, counters=counters,
-                            sample_row={request_ids[row]: j for j, row in enumerate(sample_rows)})
-        if not seqs:
+                            sample_row={request_ids[row]: j for j, row in enumerate(sample_rows)},
+                            host_ids=self.buf_sampled.host[: len(sample_rows)])
+        staged = StagedStep(out, step, prev, carried, prompt_spans,
+                            late=bool(sample_rows) and prev is not None and reads_host)
+        if seqs:
+            table_rows = self.block_tables.rows(request_ids, [b for _, _, b in seqs])
+            with self._on_stream():
+                staged.inputs = self._stage_inputs(seqs, sample_rows, table_rows)
+        return staged
+
+    @torch.inference_mode()
+    def enqueue(self, staged: StagedStep) -> LaunchedStep:
+        """The GPU half of a launch: carried tokens copied in from `prev`'s sampled ids, the
+        forward, and the sampling unless it is late (then the step `needs_sampling`)."""
+        step, out = staged.step, staged.out
+        if staged.inputs is None:
             return step
-        table_rows = self.block_tables.rows(request_ids, [b for _, _, b in seqs])
         with self._on_stream():
-            fill = self._carry_tokens(carried, prev) if carried else None
-            hidden, logits, meta = self._forward_raw(seqs, sample_rows, fill, table_rows)
-            if prompt_spans:
-                step.prompt_logprobs = self._prompt_logprobs(hidden, meta, prompt_spans, out)
-            if sample_rows and prev is not None and reads_host:
+            fill = self._carry_tokens(staged.carried, staged.prev) if staged.carried else None
+            hidden, logits, meta = self._forward_inputs(staged.inputs, fill)
+            if staged.prompt_spans:
+                step.prompt_logprobs = self._prompt_logprobs(hidden, meta, staged.prompt_spans, out)
+            if staged.late:
                 step.logits = logits  # [len(sample_rows), vocab]: sampled by sample(), after `prev`
-            elif sample_rows:
+            elif step.sample_rows:
                 self._enqueue_sampling(out, step, logits)
             self._record_done(step)
         return step
 
     @torch.inference_mode()
     def sample(self, out: SchedulerOutput, step: LaunchedStep) -> None:
-        """Enqueue the sampling that launch() left to later, from the requests' state now: call it
+        """Enqueue the sampling that enqueue() left to later, from the requests' state now: call it
         once the step that was in flight is finished on the host (its tokens appended, its
-        grammars advanced), before the next launch (which feeds on this step's ids). The bitmask
-        is filled here on the host while the GPU still runs this step's forward."""
+        grammars advanced), before the next step's enqueue() (which feeds on this step's ids; its
+        stage() may come first). The bitmask (start_fill()) is filled on the host while the GPU
+        still runs this step's forward."""
         logits, step.logits = step.logits, None
         with self._on_stream():
             self._enqueue_sampling(out, step, logits)
@@ -427,8 +459,7 @@ class ModelRunner:
         step.sampled = self.sampler(logits, md, constrain)
         if self.stream is None:  # CPU: the ids are already home
             step.host_ids = step.sampled.token_ids
-        else:
-            step.host_ids = self.buf_sampled.host[: len(step.sample_rows)]
+        else:  # the half of buf_sampled chosen at stage()
             step.host_ids.copy_(step.sampled.token_ids, non_blocking=True)
 
     def _on_stream(self):
@@ -452,7 +483,7 @@ class ModelRunner:
         """A function that writes `prev`'s sampled ids into this step's device input ids, given the
         batch's query start offsets (the last input of a carried row is its sampled token)."""
         if prev.sampled is None:
-            raise RuntimeError("the step in flight was never sampled: sample() it before the next launch")
+            raise RuntimeError("the step in flight was never sampled: sample() it before the next enqueue()")
         tokens = prev.sampled.token_ids
         rows = np.array(carried, dtype=np.int64).reshape(-1, 2)  # (row here, row in prev)
         n = len(rows)
@@ -564,6 +595,31 @@ class LaunchedStep:
     def needs_sampling(self) -> bool:
         """launch() queued the forward only: sample() must follow once the step before is finished."""
         return self.logits is not None
+
+
+@dataclass
+class StagedInputs:
+    """A step's device inputs, uploaded by stage(); a FULL graph's size when one replays them."""
+
+    num_seqs: int
+    input_ids: torch.Tensor
+    positions: torch.Tensor | None
+    meta: AttentionMetadata
+    logits_idx: torch.Tensor | None
+    graph_size: int | None = None
+
+
+@dataclass
+class StagedStep:
+    """What stage() decided and built, for enqueue()."""
+
+    out: SchedulerOutput
+    step: LaunchedStep
+    prev: LaunchedStep | None
+    carried: list[tuple[int, int]]
+    prompt_spans: list[tuple[int, int, int]]
+    late: bool  # the sampling waits for sample(), once `prev` is finished on the host
+    inputs: StagedInputs | None = None
 
 
 @dataclass

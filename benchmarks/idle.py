@@ -8,8 +8,8 @@ each mode (async scheduling on / off, switched on the same engine between runs) 
   async  AsyncEngine: the serving loop, one `generate()` consumer per request (DELTA outputs).
 Once every request has its first token and --warmup-steps more have run:
   timed window (--timed-steps, no profiler): wall time per step, and the host's share of it
-    (schedule, launch = batch build + enqueue, wait = blocked on the GPU, finish = tokens ->
-    outputs); `ahead` is the fraction of launches made while the previous step was still on the GPU;
+    (schedule, stage = batch build and upload, launch = enqueue of the forward and sampling, wait =
+    blocked on the GPU, finish = tokens -> outputs); `ahead` is the fraction of launches made while the previous step was still on the GPU;
     and GPU idle from CUDA event timestamps (gpu_events): per step, the time from the end of the
     work queued before it to the end of its inputs' copy, summed over the window (the profiler's
     host overhead, ~1 ms per step on the GPU machine, is not in it: this is the figure for the goal);
@@ -52,7 +52,7 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 class StepProbe:
     """Host timers around the engine's step phases (no synchronization) and a per-step callback.
 
-    Wraps the instance's schedule / launch / runner.wait / finish_step (and sample, where the
+    Wraps the instance's schedule / stage / enqueue / runner.wait / finish_step (and sample, where the
     engine has it), which both drivers call by attribute, so the engine's code is untouched.
     """
 
@@ -65,7 +65,8 @@ class StepProbe:
         self.on_step = None  # called with the step count after each finish_step
         self.steps = 0
         self._wrap(core, "schedule", "schedule")
-        self._wrap(core, "launch", "launch")
+        self._wrap(core, "stage", "stage")
+        self._wrap(core, "enqueue", "launch")
         self._wrap(core.runner, "wait", "wait")
         self._wrap(core, "finish_step", "finish")
         if hasattr(core, "sample"):  # a sampling launched late, after the step before was finished
@@ -73,12 +74,13 @@ class StepProbe:
         self.marks: list[tuple[str, torch.cuda.Event]] = []  # ("start" | "end", event) in stream order
         self.cuda = core.config.device.type == "cuda"
         if self.cuda:
-            self._mark_after(core, "launch", "end")
+            self._mark_after(core, "enqueue", "end")
             if hasattr(core, "sample"):
                 self._mark_after(core, "sample", "end")
             self._mark_after(core.runner, "_build_batch", "start")
             if getattr(core.runner, "decode_inputs", None) is not None:
                 self._mark_after(core.runner.decode_inputs, "build", "start")
+            self._mark_carry()
 
     def _mark_after(self, owner, attr: str, kind: str) -> None:
         """Record a timing event on the runner's stream once `attr` returns: "start" after a
@@ -93,6 +95,24 @@ class StepProbe:
             return result
 
         setattr(owner, attr, marked)
+
+    def _mark_carry(self) -> None:
+        """A "start" once a step's carried tokens are copied in (its first work at enqueue)."""
+        runner, stream = self.core.runner, self.core.runner.stream
+        original = runner._carry_tokens
+
+        def carry(*args):
+            fill = original(*args)
+
+            def marked_fill(*fill_args):
+                fill(*fill_args)
+                event = torch.cuda.Event(enable_timing=True)
+                event.record(stream)
+                self.marks.append(("start", event))
+
+            return marked_fill
+
+        runner._carry_tokens = carry
 
     def event_report(self) -> dict:
         """GPU idle between steps from CUDA event timestamps (no profiler): for each step, the time
@@ -141,19 +161,21 @@ class StepProbe:
 
 
 def idle_from_marks(marks) -> dict:
-    """Sum, over the steps of the window, of the time from the last "end" event before a step's
-    "start" event to that start (events with elapsed_time in ms, as torch.cuda.Event). Idle
-    between steps only: a late sampling's wait inside a step, or a host too slow to launch a
-    step's kernels back to back, is not in it (the decode workload here samples in the launch
-    and replays one graph per step)."""
-    first_end = last_end = None
+    """Sum, over the steps of the window, of the time from the mark before each "start" event to
+    that start (events with elapsed_time in ms, as torch.cuda.Event): a step's starts are its
+    inputs' upload (stage) and, when it carries tokens, their copy at enqueue, which comes after
+    the late sampling of the step before where there is one; so the GPU's wait for a late
+    sampling and for the next forward behind it both count. A host too slow to launch a step's
+    kernels back to back is not in it (the decode workload here replays one graph per step)."""
+    first_end = last_end = previous = None
     gaps = []
     for kind, event in marks:
         if kind == "end":
             first_end = first_end or event
             last_end = event
-        elif last_end is not None:
-            gaps.append(last_end.elapsed_time(event))
+        elif first_end is not None:
+            gaps.append(previous.elapsed_time(event))
+        previous = event
     if first_end is None or first_end is last_end or not gaps:
         return {"gpu": "n/a (too few steps)"}
     window = first_end.elapsed_time(last_end)
@@ -204,7 +226,8 @@ def gpu_timeline(trace_path: Path, steps: int, top: int = 10) -> dict:
 
 def workload(ns, vocab: int, tag: str) -> list[tuple[str, dict, SamplingParams]]:
     rng = random.Random(ns.workload_seed)
-    params = SamplingParams(temperature=1.0, max_tokens=ns.output_len, ignore_eos=True)
+    penalties = dict(presence_penalty=0.5, frequency_penalty=0.1, repetition_penalty=1.1) if ns.penalties else {}
+    params = SamplingParams(temperature=1.0, max_tokens=ns.output_len, ignore_eos=True, **penalties)
     return [(f"{tag}-{i}", {"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(ns.prompt_len)]}, params)
             for i in range(ns.num_requests)]
 
@@ -330,6 +353,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"],
                         help="async scheduling on / off (switched on the same engine)")
     parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--penalties", action="store_true",
+                        help="every request with presence 0.5, frequency 0.1 and repetition 1.1 penalties: rows "
+                             "that sample from their tokens so far, so each decode step's sampling is late")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--jsonl", type=Path, help="append one line per run here")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
@@ -366,7 +392,7 @@ def main() -> None:
                  "dtype": str(config.model.dtype), "compilation": config.compilation.describe(),
                  "engine_built_with_async_scheduling": built_with, "startup_s": round(startup, 2),
                  "num_requests": ns.num_requests, "prompt_len": ns.prompt_len, "output_len": ns.output_len,
-                 "timed_steps": ns.timed_steps, "profile_steps": ns.profile_steps, **r}
+                 "penalties": ns.penalties, "timed_steps": ns.timed_steps, "profile_steps": ns.profile_steps, **r}
             if mode == "on" and r["timed"]["ahead"] < 0.5:
                 r["warning"] = "async scheduling on, yet few launches ran ahead: the switch did not take"
             results.append(r)

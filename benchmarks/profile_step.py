@@ -43,7 +43,7 @@ def main() -> None:
         core._finish_in_flight()
     timers: dict[str, float] = defaultdict(float)
     runner = core.runner
-    original_forward, original_sampler = runner._forward_raw, runner.sampler
+    original_stage, original_forward, original_sampler = runner._stage_inputs, runner._forward_inputs, runner.sampler
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -55,7 +55,8 @@ def main() -> None:
             return r
         return wrapper
 
-    runner._forward_raw = timed("forward (build + model + logits)", original_forward)
+    runner._stage_inputs = timed("stage (inputs built + uploaded)", original_stage)
+    runner._forward_inputs = timed("forward (model + logits)", original_forward)
     runner.sampler = timed("sampler (metadata excluded)", original_sampler)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -72,7 +73,7 @@ def main() -> None:
     print(f"batch {args.batch}: {1e3 * total / args.steps:.2f} ms/step, {args.batch * args.steps / total:.0f} tok/s (timers synchronize)")
     for name, value in timers.items():
         print(f"  {name:40s} {1e3 * value / args.steps:8.3f} ms/step")
-    runner._forward_raw, runner.sampler = original_forward, original_sampler
+    runner._stage_inputs, runner._forward_inputs, runner.sampler = original_stage, original_forward, original_sampler
     t0 = time.perf_counter()
     for _ in range(args.steps):
         core.step()

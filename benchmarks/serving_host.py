@@ -39,16 +39,19 @@ from web.settings import ServerSettings  # noqa: E402
 
 
 class NullRunner:
-    """launch / wait / is_done of ModelRunner, with no model: every sampling row gets a random id."""
+    """stage / enqueue / wait / is_done of ModelRunner, with no model: every sampling row gets a random id."""
 
     def __init__(self, runner, vocab_size: int, seed: int = 0) -> None:
         self.runner = runner
         self.vocab = vocab_size
         self.rng = random.Random(seed)
 
-    def launch(self, out, prev=None) -> LaunchedStep:
+    def stage(self, out, prev=None) -> LaunchedStep:  # what is staged is the step itself
         rows = [i for i, s in enumerate(out.scheduled) if s.samples]
         return LaunchedStep(num_rows=len(out.scheduled), sample_rows=rows, sample_row={}, counters=[])
+
+    def enqueue(self, staged: LaunchedStep) -> LaunchedStep:
+        return staged
 
     def wait(self, step: LaunchedStep) -> StepResult:
         tokens: list[int | None] = [None] * step.num_rows

@@ -210,10 +210,13 @@ def test_abort_while_a_late_sampled_step_is_in_flight_frees_blocks_and_leaves_it
     assert victim.num_output_tokens >= 3 and not victim.status.finished
     assert core.in_flight is not None
     phases = core.phases()
-    launch = next(phases)
-    launched = launch()
+    call = next(phases)
+    assert call.func == core.sample  # the step in flight's late sampling, queued before the next forward
+    enqueue = phases.send(call())
+    assert enqueue.func == core.enqueue
+    launched = enqueue()
     assert launched.needs_sampling  # a grammar row, the step before still in flight
-    if when == "after_launch":  # where AsyncEngine applies aborts that came during the launch
+    if when == "after_launch":  # where AsyncEngine applies aborts that came during the enqueue
         final = core.abort("victim")
         wait = phases.send(launched)
     else:  # ... and those that came during the wait
@@ -243,18 +246,47 @@ def test_abort_while_a_late_sampled_step_is_in_flight_frees_blocks_and_leaves_it
     assert all(o.request_id != "victim" for o in outs)
 
 
-def test_run_phases_of_finish_in_flight_finishes_the_step(llm):
-    """The part of the pipeline profile_step.py calls: the step in flight, waited for and finished."""
+@pytest.mark.parametrize("steps_before", [1, 2], ids=["prefill_in_flight", "late_sampling_in_flight"])
+def test_run_phases_of_finish_in_flight_finishes_the_step(llm, steps_before):
+    """The part of the pipeline profile_step.py calls: the step in flight, waited for and finished
+    (sampled first when its sampling is still to be queued)."""
     core = llm.core
     core.add_request("solo", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.2))
-    core.step()
+    for _ in range(steps_before):
+        core.step()
     assert core.in_flight is not None
+    assert core.in_flight[1].needs_sampling == (steps_before == 2)  # a decode step: penalties read the host
     core._finish_in_flight()
     assert core.in_flight is None
     outs = []
     while core.has_unfinished:
         outs += run_phases(core.phases())
     assert len(outs[-1].outputs[0].token_ids) == 5
+
+
+def test_late_sampling_and_the_next_forward_are_queued_back_to_back(llm, monkeypatch):
+    """The next step is scheduled and staged (inputs built and uploaded) before the step in
+    flight's late sampling is queued, so that sampling and the next forward go to the GPU one
+    right after the other, with no host work between them."""
+    core, calls = llm.core, []
+
+    def logged(name, fn):
+        def call(*args):
+            calls.append(name)
+            return fn(*args)
+        return call
+
+    for name in ("schedule", "stage", "sample", "enqueue"):
+        monkeypatch.setattr(core, name, logged(name, getattr(core, name)))
+    monkeypatch.setattr(core.runner, "wait", logged("wait", core.runner.wait))
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=8, ignore_eos=True, presence_penalty=0.5)
+              for i in range(3)]
+    run(llm, params)
+    late = [i for i, name in enumerate(calls) if name == "sample"]
+    assert len(late) >= 6  # every decode step samples late
+    for i in late[:-1]:  # each but the last (no step after it) has the next step's stage before it
+        assert calls[i - 2 : i + 3] == ["schedule", "stage", "sample", "enqueue", "wait"], calls[i - 2 : i + 3]
+    assert calls[late[-1] + 1] == "wait"  # the last: nothing left to schedule, waited for at once
 
 
 async def test_async_engine_runs_host_reading_requests_ahead_with_the_in_order_tokens(engine, llm_in_order, closers):

@@ -55,13 +55,13 @@ async def browser_context(tmp_path_factory):
 @pytest.fixture
 def slow_engine(engine, monkeypatch):
     """The session engine, each step held STEP_DELAY_S in its worker thread (the event loop runs on)."""
-    launch = engine.core.launch
+    enqueue = engine.core.enqueue
 
-    def slow_launch(sched):
+    def slow_enqueue(staged):
         time.sleep(STEP_DELAY_S)
-        return launch(sched)
+        return enqueue(staged)
 
-    monkeypatch.setattr(engine.core, "launch", slow_launch)
+    monkeypatch.setattr(engine.core, "enqueue", slow_enqueue)
     return engine
 
 

@@ -131,7 +131,7 @@ async def test_dead_engine_reports_503_everywhere(tiny_models):
     def boom(*a, **k):
         raise RuntimeError("injected failure")
 
-    engine.core.runner.launch = boom
+    engine.core.runner.enqueue = boom
     async with serve_app(engine) as c:
         resp = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert resp.status == 503 and (await resp.json())["error"]["code"] == 503
