@@ -196,9 +196,8 @@ def test_serving_host_streams_every_token_through_the_real_server(tmp_path):
 
 
 def test_serving_reads_the_servers_quantiles_from_the_histograms_difference():
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
-
     import serving
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
     registry = CollectorRegistry()
     itl = Histogram("aio_engine:inter_token_latency_seconds", "x", ["model_name"], registry=registry,
