@@ -51,6 +51,7 @@ class BatchBitmask:
             self._uploaded = torch.cuda.Event()
         self._uploading = False
         self._rows: list[int] = []  # the logits rows filled for the current step
+        self._rows_sent: list[int] | None = None  # the rows _rows_device holds (CUDA)
         # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python.
         self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
         self._worker: ThreadPoolExecutor | None = None  # start_fill's thread (made on first use)
@@ -82,7 +83,7 @@ class BatchBitmask:
         self._wait_upload()
         if grammars:
             self._fit(grammars[0].vocab_size)
-        live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
+        live = [i for i, g in enumerate(grammars) if not g.is_terminated]
         for i in set(range(len(grammars))).difference(live):
             fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
         self._rows = rows
@@ -131,10 +132,12 @@ class BatchBitmask:
             return
         self._wait_upload()
         count, top = len(self._rows), max(self._rows) + 1
-        self._rows_host[:count].copy_(torch.tensor(self._rows, dtype=torch.int32))
-        # Both copies and the masking are queued on the current stream, in order: no host sync.
+        # The copies and the masking are queued on the current stream, in order: no host sync.
         self._mask_device[:top, : self.host.shape[1]].copy_(self.host[:top], non_blocking=True)
-        self._rows_device[:count].copy_(self._rows_host[:count], non_blocking=True)
+        if self._rows != self._rows_sent:  # usually the rows of the step before: on the device already
+            self._rows_host[:count].copy_(torch.tensor(self._rows, dtype=torch.int32))
+            self._rows_device[:count].copy_(self._rows_host[:count], non_blocking=True)
+            self._rows_sent = self._rows
         self._uploaded.record()
         self._uploading = True
         xgr.apply_token_bitmask_inplace(logits, self._mask_device, indices=self._rows_device[:count],

@@ -22,18 +22,29 @@ import xgrammar as xgr
 class RequestGrammar:
     """A grammar matcher with a token count, so that rollbacks are checked before xgrammar sees them."""
 
-    __slots__ = ("matcher", "num_tokens", "stop_token_ids", "vocab_size")
+    __slots__ = ("matcher", "num_tokens", "stop_token_ids", "vocab_size", "_stops", "_terminated")
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.stop_token_ids: list[int] = list(self.matcher.stop_token_ids)
+        self._stops = frozenset(self.stop_token_ids)
         self.vocab_size = compiled.tokenizer_info.vocab_size  # the bitmask row's width in tokens
         self.num_tokens = 0  # tokens accepted (the stop token included) and not rolled back
+        self._terminated = False
 
     @property
     def is_terminated(self) -> bool:
-        """A stop token was accepted: the output is complete and nothing more is allowed."""
-        return self.matcher.is_terminated()
+        """A stop token was accepted: the output is complete and nothing more is allowed.
+
+        Kept here rather than asked of xgrammar (a call through its FFI per sequence, twice a
+        step): its matcher terminates exactly when it accepts a stop token (it accepts one only
+        where the grammar may end, and nothing after it), and rolling that token back revives it."""
+        return self._terminated
+
+    def _accepted(self, token_id: int) -> None:
+        self.num_tokens += 1
+        if token_id in self._stops:
+            self._terminated = True
 
     @property
     def is_completed(self) -> bool:
@@ -43,7 +54,7 @@ class RequestGrammar:
     def accept_token(self, token_id: int) -> bool:
         """Advance by one token; False (state unchanged) if the grammar does not allow it."""
         if self.matcher.accept_token(token_id):
-            self.num_tokens += 1
+            self._accepted(token_id)
             return True
         return False
 
@@ -66,11 +77,13 @@ class RequestGrammar:
         if num_tokens:
             self.matcher.rollback(num_tokens)
             self.num_tokens -= num_tokens
+            self._terminated = False  # the stop token, if any, was the last one accepted
 
     def reset(self) -> None:
         """Back to the start of the grammar."""
         self.matcher.reset()
         self.num_tokens = 0
+        self._terminated = False
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this sequence's allowed next tokens into bitmask[row] (a CPU int32 tensor of
@@ -85,10 +98,11 @@ def accept_batch(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -
     """Each grammar accepts its one token (a decode step), in one call into xgrammar."""
     if len(grammars) != len(token_ids):
         raise ValueError(f"accept_batch: {len(grammars)} grammars but {len(token_ids)} tokens")
-    accepted = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars],
-                                                          [int(t) for t in token_ids])
-    for grammar, ok in zip(grammars, accepted):
-        grammar.num_tokens += ok
+    tokens = [int(t) for t in token_ids]
+    accepted = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars], tokens)
+    for grammar, token, ok in zip(grammars, tokens, accepted):
+        if ok:
+            grammar._accepted(token)
     return accepted
 
 

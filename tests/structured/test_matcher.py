@@ -111,3 +111,38 @@ def test_n_sequences_share_one_compiled_grammar_but_not_their_state(service, tok
     first.accept_tokens(tokenizer.encode("ab", add_special_tokens=False))
     assert first.is_completed and not second.is_completed
     assert not torch.equal(allowed(first), allowed(second))
+
+
+@pytest.mark.parametrize("spec", [dict(choice=["yes", "no", "maybe"]), dict(regex="(ab|cd)+"),
+                                  dict(regex="[0-9]{1,3}(,[0-9]{1,2})?")])
+def test_is_terminated_kept_on_our_side_equals_xgrammars(service, spec):
+    """RequestGrammar answers is_terminated without asking xgrammar: random walks through the
+    allowed tokens, stop tokens, rejected tokens, rollbacks and resets, one by one and in
+    batches, agree with the matcher's own answer after every move."""
+    import random
+
+    rng = random.Random(0)
+    compiled = service.compile_sync(StructuredOutputsParams(**spec))
+    grammars = [RequestGrammar(compiled) for _ in range(4)]
+    terminated_seen = 0
+    for _ in range(120):
+        picks = []
+        for grammar in grammars:
+            ids = allowed(grammar).nonzero().flatten().tolist()
+            eos_first = EOS in ids and rng.random() < 0.5
+            picks.append(EOS if eos_first else rng.choice(ids) if rng.random() < 0.9 else rng.randrange(VOCAB))
+        if rng.random() < 0.5:
+            accept_batch(grammars, picks)
+        else:
+            for grammar, token in zip(grammars, picks):
+                grammar.accept_token(token)
+        for grammar in grammars:
+            terminated_seen += grammar.is_terminated
+            assert grammar.is_terminated == grammar.matcher.is_terminated()
+            move = rng.random()
+            if move < 0.25 and grammar.num_tokens:
+                grammar.rollback(rng.randint(1, grammar.num_tokens))
+            elif move < 0.3:
+                grammar.reset()
+            assert grammar.is_terminated == grammar.matcher.is_terminated()
+    assert terminated_seen > 10  # the walks did reach the end of the grammar
