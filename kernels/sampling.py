@@ -212,7 +212,10 @@ def gumbel_argmax(
 
 # --- penalties over the tokens each row has seen, without [rows, vocab] tensors ---
 
-@triton.jit
+# The sizes that change from step to step (rows, the longest history) are not specialized on,
+# and the block is fixed: a new value never compiles a new kernel on the engine loop (a block of
+# next_power_of_2(width) compiled once per power of two as histories grew, ~50 ms each, measured).
+@triton.jit(do_not_specialize=["num", "width", "ids_stride"])
 def _penalty_kernel(logits_ptr, stride, ids_ptr, ids_stride, ranges_ptr, factors_ptr, saved_ptr, num, width,
                     BLOCK: tl.constexpr):
     # One program per penalized row (rows never share a logits row), in three passes over its
@@ -274,13 +277,13 @@ def apply_penalties_reference(logits, ids, ranges, factors, width):
     logits.index_copy_(0, rows, x)
 
 
-def apply_penalties_triton(logits, ids, ranges, factors, width, block: int = 1024):
+def apply_penalties_triton(logits, ids, ranges, factors, width, block: int = 512):
     num = ranges.shape[1]
     if num == 0 or width == 0:
         return
     saved = torch.empty(num, width, dtype=torch.float32, device=logits.device)
     _penalty_kernel[(num,)](logits, logits.stride(0), ids, ids.stride(0), ranges, factors, saved, num, width,
-                            BLOCK=min(block, triton.next_power_of_2(width)), num_warps=4)
+                            BLOCK=block, num_warps=4)
 
 
 def apply_penalties(

@@ -124,6 +124,24 @@ def test_penalties_at_batch_256_and_qwen_vocab():
     test_penalties_follow_the_formula_over_each_rows_history("triton", 256, QWEN_VOCAB, 400)
 
 
+def test_penalty_kernel_compiles_once_whatever_the_rows_and_history_width():
+    """Rows and the longest history change every step: none of them may compile a new kernel (a
+    compile holds the engine loop ~50 ms)."""
+    from kernels.sampling import _penalty_kernel, apply_penalties_triton
+    from tests.kernels.test_sampling_kernel import random_histories
+
+    device = torch.device("cuda")
+    _penalty_kernel.device_caches.clear()  # count this test's compiles only
+    widths = set()
+    for num_rows, longest in [(1, 5), (7, 37), (16, 300), (48, 1000), (3, 2049), (64, 64)]:
+        ids, ranges, factors, width = random_histories(num_rows, 5000, seed=num_rows, device=device, longest=longest)
+        apply_penalties_triton(torch.randn(num_rows, 5000, device=device), ids, ranges, factors, width)
+        widths.add(width)
+    torch.cuda.synchronize()
+    assert len(widths) >= 5
+    assert len(_penalty_kernel.device_caches[torch.cuda.current_device()][0]) == 1
+
+
 def test_cuda_draws_the_tokens_the_cpu_draws():
     # Both sides hash the same integers, so only float rounding could part them (at near-ties).
     others = random_others(64, seed=30)
