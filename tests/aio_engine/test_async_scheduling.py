@@ -186,7 +186,7 @@ def test_requests_finished_while_their_next_step_ran_never_reach_the_bitmask(llm
     def counting_sample(out, launched):
         nonlocal finished_rows
         finished_rows += sum(out.scheduled[i].request.status.finished for i in launched.sample_rows)
-        sample(out, launched)
+        return sample(out, launched)
 
     monkeypatch.setattr(runner.bitmask, "fill", checked_fill)
     monkeypatch.setattr(core, "sample", counting_sample)
@@ -307,5 +307,35 @@ async def test_async_engine_runs_host_reading_requests_ahead_with_the_in_order_t
     outs = await asyncio.wait_for(asyncio.gather(*(final(i, p) for i, p in enumerate(params)), left_early()), TIMEOUT)
     assert completions(outs[:-1]) == completions(reference)
     assert engine.core.num_steps_run_ahead > 10 and engine.core.num_late_samplings > 10
+    await wait_until_idle(engine)
+    assert_all_blocks_free(engine.core)
+
+
+def test_a_token_that_breaks_its_grammar_fails_that_request_alone(llm, monkeypatch):
+    """Grammars accept a decode step's tokens in the bitmask's thread while the host finishes
+    the step: a token the grammar refuses (here the mask is never applied, so the sampler draws
+    freely) still ends its request with finish_reason "error", its final output delivered, and
+    leaves the other requests alone."""
+    runner = llm.core.runner
+    monkeypatch.setattr(runner.bitmask, "apply", lambda logits: runner.bitmask.finish_fill())
+    params = [constrained(None, seed, max_tokens=40, regex="[0-9]{30}") for seed in range(4)]
+    params[0].ignore_eos = True  # an eos then is no stop: the grammar refuses it where it is accepted at once
+    params.append(SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True))
+    outs = run(llm, params)
+    assert [o.outputs[0].finish_reason for o in outs[:4]] == ["error"] * 4
+    assert all(len(o.outputs[0].token_ids) < 40 for o in outs[:4])
+    assert len(outs[4].outputs[0].token_ids) == 12 and outs[4].outputs[0].finish_reason == "length"
+
+
+async def test_async_engine_delivers_the_error_of_a_token_that_broke_its_grammar(engine, monkeypatch):
+    runner = engine.core.runner
+    monkeypatch.setattr(runner.bitmask, "apply", lambda logits: runner.bitmask.finish_fill())
+
+    async def final(p: SamplingParams) -> RequestOutput:
+        return [out async for out in engine.generate(PROMPTS[0], p)][-1]
+
+    outs = await asyncio.wait_for(asyncio.gather(*(final(constrained(None, seed, max_tokens=40, regex="[0-9]{30}"))
+                                                   for seed in range(3))), TIMEOUT)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error"] * 3
     await wait_until_idle(engine)
     assert_all_blocks_free(engine.core)
