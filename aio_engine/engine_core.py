@@ -60,7 +60,6 @@ class EngineCore:
         self.num_steps = 0
         self.num_steps_run_ahead = 0  # steps finished while the next one was already queued
         self.num_late_samplings = 0  # steps whose sampling waited for the step before (sample())
-        self._accepting: list[Request] = []  # requests whose grammars accept their token in the bitmask's thread
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.cache.block_size,
                     num_blocks * self.runner.bytes_per_block() / 2**20)
 
@@ -216,13 +215,10 @@ class EngineCore:
         """stage() and enqueue() at once."""
         return self.enqueue(self.stage(out))
 
-    def sample(self, out: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:
-        """Enqueue the sampling enqueue() left, from the requests' state after the step before.
-        Returns the final outputs of requests whose last token broke their grammar."""
+    def sample(self, out: SchedulerOutput, launched: LaunchedStep) -> None:
+        """Enqueue the sampling enqueue() left, from the requests' state after the step before."""
         self.num_late_samplings += 1
-        failed = self._settle_grammars()
         self.runner.sample(out, launched)
-        return failed
 
     def finish_step(self, out: SchedulerOutput, result: StepResult,
                     then_sample: tuple[SchedulerOutput, LaunchedStep] | None = None) -> list[RequestOutput]:
@@ -232,22 +228,11 @@ class EngineCore:
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
         constrained = [r for r in changed if r.live_grammar is not None]
-        failed = []
         if constrained:
-            failed = self._settle_grammars()
-            if then_sample is None:
-                self._advance_grammars(constrained)
-            else:
-                # A stop token ends its grammar (and request) now; the rest accept their tokens
-                # in the bitmask's worker thread, just before it fills the next step's rows.
-                ending = [r for r in constrained if r.grammar.ends_on(r.all_token_ids[-1])]
-                going = [r for r in constrained if not r.grammar.ends_on(r.all_token_ids[-1])] if ending else constrained
-                if ending:
-                    self._advance_grammars(ending)
-                self._accepting = going
-                accept = ([r.grammar for r in going], [r.all_token_ids[-1] for r in going]) if going else None
-                self.runner.start_fill(*then_sample, accept=accept)
-        return failed + self.outputs.process(changed, self.scheduler.finish_request)
+            self._advance_grammars(constrained)
+            if then_sample is not None:
+                self.runner.start_fill(*then_sample)
+        return self.outputs.process(changed, self.scheduler.finish_request)
 
     def _advance_grammars(self, requests: list[Request]) -> None:
         """Each grammar takes its request's new token (one call into xgrammar for the batch); a
@@ -255,33 +240,12 @@ class EngineCore:
         from structured.matcher import accept_batch
 
         tokens = [r.all_token_ids[-1] for r in requests]
-        self._judge(requests, tokens, accept_batch([r.grammar for r in requests], tokens))
-
-    def _settle_grammars(self) -> list[RequestOutput]:
-        """Wait for the grammars' accept that finish_step left to the bitmask's thread, if any,
-        and fail the requests whose token broke their grammar (a sampler that ignored the mask):
-        their final outputs. (Those tokens were no stop tokens, so no grammar ended there.)"""
-        if not self._accepting:
-            return []
-        requests, self._accepting = self._accepting, []
-        self.runner.bitmask.finish_fill()
-        failed = self._judge(requests, [r.all_token_ids[-1] for r in requests], self.runner.bitmask.accepted)
-        return [output for r in failed if (output := self.outputs.finish_external(r)) is not None]
-
-    def _judge(self, requests: list[Request], tokens: list[int], accepted) -> list[Request]:
-        """End the requests whose token was refused (error) or ended their grammar (stop); the
-        refused ones."""
-        failed = []
-        for request, token, ok in zip(requests, tokens, accepted):
-            if request.status.finished:
-                continue  # ended while its grammar caught up (abort, stop string, length)
-            if not ok:
+        for request, token, accepted in zip(requests, tokens, accept_batch([r.grammar for r in requests], tokens)):
+            if not accepted:
                 logger.error("request %s: token %d breaks its grammar", request.request_id, token)
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
-                failed.append(request)
             elif request.grammar.is_terminated:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-        return failed
 
     def phases(self) -> Generator[Callable[[], Any], Any, list[RequestOutput]]:
         """One iteration of the pipeline, for a driver to run: it yields each blocking call (the
@@ -308,7 +272,7 @@ class EngineCore:
         out = self.schedule()
         staged = self.stage(out) if not out.empty else None
         if self.in_flight is not None and self.in_flight[1].needs_sampling:
-            outputs += yield functools.partial(self.sample, *self.in_flight)
+            yield functools.partial(self.sample, *self.in_flight)
         launched = (yield functools.partial(self.enqueue, staged)) if staged is not None else None
         if self.in_flight is not None:
             if launched is not None:
@@ -325,11 +289,12 @@ class EngineCore:
         """Wait for the step in flight (sampled first if its sampling is late; blocking calls) and
         finish it (see finish_step)."""
         out, launched = self.in_flight
-        failed = (yield functools.partial(self.sample, out, launched)) if launched.needs_sampling else []
+        if launched.needs_sampling:
+            yield functools.partial(self.sample, out, launched)
         self.in_flight = None
         self.last_finished = out
         result = yield functools.partial(self.runner.wait, launched)
-        return failed + self.finish_step(out, result, then_sample)
+        return self.finish_step(out, result, then_sample)
 
     def step(self) -> list[RequestOutput]:
         """One iteration, its blocking calls run in this thread (the offline LLM); see phases()."""
@@ -342,7 +307,6 @@ class EngineCore:
     def fail_all(self) -> list[str]:
         """After an error in a step: finish every request and free its blocks; their ids."""
         self.in_flight = None
-        self._accepting = []
         ids = list(self.outputs.parents)
         for request_id in ids:
             self.abort(request_id, RequestStatus.FINISHED_ERROR)

@@ -416,16 +416,15 @@ class ModelRunner:
             self._enqueue_sampling(out, step, logits)
             self._record_done(step)
 
-    def start_fill(self, out: SchedulerOutput, step: LaunchedStep, accept=None) -> None:
-        """Begin the bitmask fill of a step that sample() will sample, in the bitmask's worker
-        thread: the engine calls it as soon as the step before is known on the host, so that
-        the fill runs while the host finishes that step. `accept`: (grammars, tokens) of that
-        step to accept first, in the same job (see BatchBitmask.start_fill)."""
+    def start_fill(self, out: SchedulerOutput, step: LaunchedStep) -> None:
+        """Begin the bitmask fill of a step that sample() will sample, from the grammars' state
+        now, in the bitmask's worker thread: the engine calls it as soon as the step before has
+        advanced the grammars, so that the fill runs while the host finishes that step."""
         picked = [(grammar, j) for j, i in enumerate(step.sample_rows)
                   if (grammar := out.scheduled[i].request.live_grammar) is not None]
-        grammars, rows = zip(*picked) if picked else ((), ())
-        if picked or accept is not None:
-            self.bitmask.start_fill(grammars, rows, accept=accept)
+        if picked:
+            grammars, rows = zip(*picked)
+            self.bitmask.start_fill(grammars, rows)
             self._fill_started = step
 
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:

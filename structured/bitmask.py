@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import xgrammar as xgr
 
-from .matcher import RequestGrammar, accept_batch, fill_stop_row
+from .matcher import RequestGrammar, fill_stop_row
 
 
 class BatchBitmask:
@@ -56,7 +56,6 @@ class BatchBitmask:
         self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
         self._worker: ThreadPoolExecutor | None = None  # start_fill's thread (made on first use)
         self._filling: Future | None = None
-        self.accepted: list[bool] = []  # the verdicts of the last start_fill's accept, once it is finished
 
     @property
     def rows(self) -> list[int]:
@@ -70,24 +69,16 @@ class BatchBitmask:
         """
         self.start_fill(grammars, rows, background=False)
 
-    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True,
-                   accept: tuple[Sequence[RequestGrammar], Sequence[int]] | None = None) -> None:
+    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True) -> None:
         """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
         fill releases the GIL, so the caller's Python runs meanwhile) and the next apply(),
         clear() or finish_fill() waits for it. Until then nothing may call the grammars'
-        matchers (xgrammar moves a matcher's parser through each candidate token while it fills).
-
-        `accept`: (grammars, tokens) that accept their token first, in the same job (accept_batch;
-        its verdicts are in `accepted` once finish_fill() returns). Tokens that would terminate
-        a grammar (stop tokens) are the caller's to accept beforehand: which rows are live is
-        decided here, before the job runs."""
+        matchers (xgrammar moves a matcher's parser through each candidate token while it fills)."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
         if rows and (min(rows) < 0 or max(rows) >= self.max_rows or len(set(rows)) != len(rows)):
             raise ValueError(f"fill: rows must be distinct and in [0, {self.max_rows}), got {rows}")
-        if accept is not None and any(g.ends_on(int(t)) for g, t in zip(*accept)):
-            raise ValueError("start_fill: accept stop tokens before the fill (they end their grammar)")
         self.finish_fill()
         self._wait_upload()
         if grammars:
@@ -96,23 +87,16 @@ class BatchBitmask:
         for i in set(range(len(grammars))).difference(live):
             fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
         self._rows = rows
-        self.accepted = []
-        if not live and accept is None:
-            return
-        matchers = [grammars[i].matcher for i in live]
-        live_rows = rows if len(live) == len(rows) else [rows[i] for i in live]
-        if not background:
-            self._accept_and_fill(accept, matchers, live_rows)
-            return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
-        self._filling = self._worker.submit(self._accept_and_fill, accept, matchers, live_rows)
-
-    def _accept_and_fill(self, accept, matchers, rows: list[int]) -> None:
-        if accept is not None:
-            self.accepted = accept_batch(*accept)
-        if matchers:
-            self._batch.batch_fill_next_token_bitmask(matchers, self.host, rows)
+        if live:
+            matchers = [grammars[i].matcher for i in live]
+            live_rows = rows if len(live) == len(rows) else [rows[i] for i in live]
+            if not background:
+                self._batch.batch_fill_next_token_bitmask(matchers, self.host, live_rows)
+                return
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
+            self._filling = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, self.host,
+                                                live_rows)
 
     def finish_fill(self) -> None:
         """Wait for the fill start_fill() began, if any (its error, if any, raises here)."""

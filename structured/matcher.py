@@ -41,10 +41,6 @@ class RequestGrammar:
         where the grammar may end, and nothing after it), and rolling that token back revives it."""
         return self._terminated
 
-    def ends_on(self, token_id: int) -> bool:
-        """Whether accepting this token would terminate the grammar (it is a stop token)."""
-        return token_id in self._stops
-
     def _accepted(self, token_id: int) -> None:
         self.num_tokens += 1
         if token_id in self._stops:

@@ -312,10 +312,9 @@ async def test_async_engine_runs_host_reading_requests_ahead_with_the_in_order_t
 
 
 def test_a_token_that_breaks_its_grammar_fails_that_request_alone(llm, monkeypatch):
-    """Grammars accept a decode step's tokens in the bitmask's thread while the host finishes
-    the step: a token the grammar refuses (here the mask is never applied, so the sampler draws
-    freely) still ends its request with finish_reason "error", its final output delivered, and
-    leaves the other requests alone."""
+    """A token the grammar refuses (here the mask is never applied, so the sampler draws freely)
+    ends its request with finish_reason "error", its final output delivered, while its next
+    step is already queued (async scheduling), and leaves the other requests alone."""
     runner = llm.core.runner
     monkeypatch.setattr(runner.bitmask, "apply", lambda logits: runner.bitmask.finish_fill())
     params = [constrained(None, seed, max_tokens=40, regex="[0-9]{30}") for seed in range(4)]
