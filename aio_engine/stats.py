@@ -5,7 +5,8 @@ blocked on the device, and the shape of the step it waited for) and, at most eve
 seconds while the engine works and when it goes idle, logs throughput (prompt tokens counted when
 scheduled, generated ones when read), running / waiting requests, KV-cache usage, the prefix-cache
 hit rate over the interval, the iterations' median, p99 and longest time with what the longest one
-held, and the garbage collector's pauses: the line that says whether a latency tail comes from
+held, the p99 of their two parts (the step's own work, then the consumers' and web layer's turn
+before the next iteration), and the garbage collector's pauses: the line that says whether a latency tail comes from
 prefill chunks (long steps, blocked on the device) or from the host. --disable-log-stats turns it off.
 """
 
@@ -24,11 +25,13 @@ class StatsLogger:
         self.core = core
         self.interval = interval
         self.durations: list[float] = []
+        self.engine_parts: list[float] = []  # each iteration's own step work; the rest is its consumers'
         self.longest: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # seconds, blocked, prefill tokens, decode rows
         self.gc_pauses: list[float] = []  # the interval's garbage collections (seconds): they stall every stream
         self._gc_start = 0.0
         self._cycle_start: float | None = None  # when the running iteration began (None while idle)
         self._cycle: tuple[float, int, int] = (0.0, 0, 0)  # its blocked seconds, prefill tokens, decode rows
+        self._engine_part = 0.0  # seconds from its begin() to its end()
         # The hook holds this logger weakly: an engine dropped without shutdown() must not be kept
         # alive (model, KV cache) by the interpreter's callback list.
         method = weakref.WeakMethod(self._on_gc)
@@ -58,6 +61,7 @@ class StatsLogger:
         self.prompt_tokens, self.generated = core.num_prompt_tokens_computed, core.num_generated_tokens
         self.queries, self.hits = kv.prefix_queries, kv.prefix_hits
         self.durations = []
+        self.engine_parts = []
         self.longest = (0.0, 0.0, 0, 0)
         self.gc_pauses = []
 
@@ -67,12 +71,14 @@ class StatsLogger:
         if self._cycle_start is None:  # the first after idling: the interval starts now
             self._reset(time.monotonic())
         else:
-            self.record(now - self._cycle_start, *self._cycle)
+            self.record(now - self._cycle_start, *self._cycle, engine_part=self._engine_part)
         self._cycle_start = now
 
     def end(self, blocked: float, done) -> None:
         """The iteration's step work is over: `blocked` seconds on the device, `done` the
         SchedulerOutput of the step it waited for (None if none)."""
+        if self._cycle_start is not None:
+            self._engine_part = time.perf_counter() - self._cycle_start
         if done is None:
             self._cycle = (blocked, 0, 0)
         else:
@@ -81,14 +87,18 @@ class StatsLogger:
     def idle(self) -> None:
         """The engine has nothing left: the last iteration ends, and the interval's line is logged."""
         if self._cycle_start is not None:
-            self.record(time.perf_counter() - self._cycle_start, *self._cycle)
+            self.record(time.perf_counter() - self._cycle_start, *self._cycle, engine_part=self._engine_part)
             self._cycle_start = None
             if self.durations:
                 self._log(time.monotonic())
 
-    def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int) -> None:
-        """One loop iteration; logs (and starts a new interval) when the interval is over."""
+    def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int,
+               engine_part: float | None = None) -> None:
+        """One loop iteration (`engine_part` of it the step's own work, the rest its consumers
+        and the web layer); logs (and starts a new interval) when the interval is over."""
         self.durations.append(seconds)
+        if engine_part is not None:
+            self.engine_parts.append(engine_part)
         if seconds > self.longest[0]:
             self.longest = (seconds, blocked, prefill_tokens, decode_rows)
         now = time.monotonic()
@@ -114,6 +124,11 @@ class StatsLogger:
             text += (f"; loop: {len(ms)} iterations, median {ms[len(ms) // 2]:.2f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.2f} ms, "
                      f"longest {1e3 * seconds:.2f} ms ({prefill} prefill tokens, {decode} decode rows, "
                      f"{1e3 * blocked:.2f} ms blocked on the device)")
+            if self.engine_parts:  # what of the tail is the engine's step, what its consumers'
+                own = sorted(1e3 * d for d in self.engine_parts)
+                rest = sorted(1e3 * (d - e) for d, e in zip(self.durations, self.engine_parts))
+                text += (f"; the step's own part p99 {own[int(0.99 * (len(own) - 1))]:.2f} ms (longest {own[-1]:.2f}), "
+                         f"consumers' part p99 {rest[int(0.99 * (len(rest) - 1))]:.2f} ms (longest {rest[-1]:.2f})")
         if self.gc_pauses:
             text += (f"; GC: {len(self.gc_pauses)} collections, {1e3 * sum(self.gc_pauses):.1f} ms, "
                      f"longest {1e3 * max(self.gc_pauses):.1f} ms")

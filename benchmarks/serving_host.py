@@ -80,10 +80,10 @@ async def serve_and_measure(ns: argparse.Namespace) -> dict:
 
     stamps: list[float] = []
 
-    def keep(seconds, *rest):  # every iteration's time, beside the statistics line
+    def keep(seconds, *rest, **parts):  # every iteration's time, beside the statistics line
         iterations.append(seconds)
         stamps.append(time.perf_counter())
-        record(seconds, *rest)
+        record(seconds, *rest, **parts)
 
     engine.stats.record = keep
     settings = ServerSettings(served_model_names=["host"], access_log=False)

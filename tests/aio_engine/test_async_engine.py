@@ -333,3 +333,36 @@ def test_an_engine_dropped_without_shutdown_is_not_kept_alive_by_its_gc_hook():
     del stats
     gc.collect()
     assert gone() is None
+
+
+def test_the_stats_line_splits_each_iteration_into_the_steps_part_and_its_consumers(monkeypatch, caplog):
+    """A long iteration is either the engine's step (schedule to outputs) or its consumers' and
+    the web layer's turn before the next one: the line gives the p99 and longest of each."""
+    import types
+
+    import aio_engine.stats as stats_module
+
+    class Core:  # what StatsLogger reads
+        num_prompt_tokens_computed = num_generated_tokens = 0
+        kv = types.SimpleNamespace(prefix_queries=0, prefix_hits=0, usage=0.0)
+        scheduler = types.SimpleNamespace(running=[], waiting=[])
+
+    clock = [0.0]
+    monkeypatch.setattr(stats_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                    monotonic=lambda: clock[0]))
+    caplog.set_level("INFO", logger="aio_engine.stats")
+    stats = stats_module.StatsLogger(Core(), interval=100.0)
+    try:
+        # (step's part, consumers' part) in ms, per iteration: one slow step, one slow turn of the consumers.
+        for own, rest in [(2, 1)] * 200 + [(30, 1), (2, 45)]:
+            stats.begin()
+            clock[0] += own / 1e3
+            stats.end(0.0, None)
+            clock[0] += rest / 1e3
+        stats.idle()
+    finally:
+        stats.close()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aio_engine.stats"]
+    assert "loop: 202 iterations" in line, line
+    assert "the step's own part p99 2.00 ms (longest 30.00)" in line, line
+    assert "consumers' part p99 1.00 ms (longest 45.00)" in line, line
