@@ -226,20 +226,14 @@ class PiecewiseForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata, use_graphs: bool = True) -> torch.Tensor:
-        """hidden [num_tokens, hidden_size]. From piecewise graphs (or the pieces over the padded
-        buffers) it is a view of a persistent buffer, valid until the next forward."""
+        """hidden [num_tokens, hidden_size]. From piecewise graphs it is a view of a persistent
+        buffer, valid until the next forward."""
         size = self.graph_size(input_ids) if use_graphs else None
-        if size is not None:
-            self.graph_replays += 1
-            return self.forward_in_buffers(self.graph_input_ids[:size], self.graph_positions[:size], kv_caches, meta,
-                                           self.graphs[size])
-        padded = padded_token_count(input_ids.shape[0], self.max_num_tokens) if use_graphs and self.graph_sizes else None
-        if padded is not None and input_ids.data_ptr() == self.graph_input_ids.data_ptr():
-            # Too many tokens for a graph: the pieces run from Python, their matmuls on a token
-            # count rounded up to a few sizes (a new count costs each cuBLAS call its heuristic
-            # search: 15-38 ms of host time for a ~1000-token prefill step on the H100, measured).
-            return self.forward_in_buffers(self.graph_input_ids[:padded], self.graph_positions[:padded], kv_caches, meta)
-        return self.forward(input_ids, positions, kv_caches, meta)
+        if size is None:
+            return self.forward(input_ids, positions, kv_caches, meta)
+        self.graph_replays += 1
+        return self.forward_in_buffers(self.graph_input_ids[:size], self.graph_positions[:size], kv_caches, meta,
+                                       self.graphs[size])
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """The compiled pieces chained like the eager forward (new tensors between them)."""
@@ -265,15 +259,6 @@ class PiecewiseForward:
                 self.attention[index].attend(self.q[:n], self.k[:n], self.v[:n], kv_caches[index], meta,
                                              out=self.attn_out[:n])
         return self.hidden[:n]
-
-
-def padded_token_count(num_tokens: int, capacity: int) -> int | None:
-    """The token count a batch too large for the graphs runs at: the next multiple of 64 up to
-    1024, of 128 up to 4096, of 512 beyond (at most 12.5% padding, a few dozen sizes in all);
-    None if that does not fit the buffers."""
-    step = 64 if num_tokens <= 1024 else 128 if num_tokens <= 4096 else 512
-    padded = -(-num_tokens // step) * step
-    return padded if padded <= capacity else None
 
 
 def _mark_token_dim(tensors: tuple, rope: torch.Tensor) -> None:

@@ -110,14 +110,3 @@ def test_pieces_over_padded_buffers_give_the_hidden_states_of_the_batch(make_com
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
     for before, after in zip(kv_before, runner.kv_caches):  # the batch's keys again, nothing for padding
         assert torch.equal(before, after)
-
-
-def test_batches_too_large_for_a_graph_run_at_a_few_padded_token_counts():
-    from aio_engine.compilation import padded_token_count
-
-    assert [padded_token_count(n, 8192) for n in (257, 320, 321, 1024, 1025, 4096, 4097, 8192)] == \
-        [320, 320, 384, 1024, 1152, 4096, 4608, 8192]
-    assert padded_token_count(8000, 8100) is None  # 8192 does not fit the buffers: run unpadded
-    sizes = {padded_token_count(n, 8192) for n in range(257, 8193)}
-    assert len(sizes) <= 50  # cuBLAS sees a few dozen shapes, whatever the prefill lengths
-    assert all(n <= padded_token_count(n, 8192) <= n * 1.25 for n in range(257, 8193))
