@@ -1,9 +1,9 @@
 """AsyncEngine: the engine loop as one asyncio task, and `async for` over each request's outputs.
 
-The loop runs EngineCore.phases(), the one description of a step: it schedules on the event loop,
-builds and launches each step (on CUDA on the loop, where that only queues work; on CPU in one
-worker thread, which also computes it), waits for its tokens in that thread unless they are
-already home (so the loop stays free to accept requests and stream), then turns
+The loop runs EngineCore.phases(), the one description of a step: it schedules and stages each
+step (builds its inputs) on the event loop, enqueues it (on CUDA on the loop, where that only
+queues work; on CPU in one worker thread, which also computes it), waits for its tokens in that
+thread unless they are already home (so the loop stays free to accept requests and stream), then turns
 tokens into outputs and hands them to each request's collector. With async scheduling step N+1 is
 launched before step N's tokens are read. A collector keeps only what the consumer has not taken
 yet, merged, so a slow consumer never grows a queue. Unless --disable-log-stats, a statistics line
@@ -203,7 +203,7 @@ class AsyncEngine:
 
     async def _run_phases(self, loop: asyncio.AbstractEventLoop, phases) -> list[RequestOutput]:
         """Drive EngineCore.phases(): its host parts here on the loop, each blocking call in the
-        worker thread. On CUDA, launch and a late sampling only queue work (no sync) and run here
+        worker thread. On CUDA, enqueue and a late sampling only queue work (no sync) and run here
         too: handing them to the worker costs two thread switches and, worse, the worker fights the
         loop's consumers for the GIL (measured: launch 1.2 -> 2.1 ms per step at batch 64). The wait
         for a step goes to the worker unless its CUDA event has already fired (a host-bound loop:

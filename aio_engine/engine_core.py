@@ -211,10 +211,6 @@ class EngineCore:
         unless it needs the step in flight finished first."""
         return self.runner.enqueue(staged)
 
-    def launch(self, out: SchedulerOutput) -> LaunchedStep:
-        """stage() and enqueue() at once."""
-        return self.enqueue(self.stage(out))
-
     def sample(self, out: SchedulerOutput, launched: LaunchedStep) -> None:
         """Enqueue the sampling enqueue() left, from the requests' state after the step before."""
         self.num_late_samplings += 1

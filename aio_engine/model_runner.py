@@ -292,13 +292,12 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def _forward_raw(self, seqs, sample_rows: list[int], fill=None, table_rows: np.ndarray | None = None):
-        """Forward of the flat batch: (hidden [num_tokens, hidden], logits of the sample rows, metadata).
-        Uniform decode batches replay a FULL CUDA graph instead (hidden is then None). Compiled,
-        hidden is a view of the pieces' buffer: read it (enqueue its use) before the next forward."""
-        if table_rows is None:
-            table_rows = self._table_rows_of(seqs)
-        return self._forward_inputs(self._stage_inputs(seqs, sample_rows, table_rows), fill)
+    def _forward_raw(self, seqs, sample_rows: list[int]):
+        """Forward of a flat batch of block lists that belong to no request (the profiling run):
+        (hidden [num_tokens, hidden], logits of the sample rows, metadata). Uniform decode batches
+        replay a FULL CUDA graph instead (hidden is then None). Compiled, hidden is a view of the
+        pieces' buffer: read it (enqueue its use) before the next forward."""
+        return self._forward_inputs(self._stage_inputs(seqs, sample_rows, self._table_rows_of(seqs)))
 
     def _stage_inputs(self, seqs, sample_rows: list[int], table_rows: np.ndarray) -> StagedInputs:
         """The forward's device inputs, built on the host and uploaded (non-blocking copies)."""
@@ -593,7 +592,7 @@ class LaunchedStep:
 
     @property
     def needs_sampling(self) -> bool:
-        """launch() queued the forward only: sample() must follow once the step before is finished."""
+        """enqueue() queued the forward only: sample() must follow once the step before is finished."""
         return self.logits is not None
 
 

@@ -94,11 +94,11 @@ class StatsLogger:
 
     def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int,
                engine_part: float | None = None) -> None:
-        """One loop iteration (`engine_part` of it the step's own work, the rest its consumers
-        and the web layer); logs (and starts a new interval) when the interval is over."""
+        """One loop iteration (`engine_part` of it the step's own work, all of it if not given;
+        the rest its consumers and the web layer); logs (and starts a new interval) when the
+        interval is over."""
         self.durations.append(seconds)
-        if engine_part is not None:
-            self.engine_parts.append(engine_part)
+        self.engine_parts.append(seconds if engine_part is None else engine_part)  # paired with durations
         if seconds > self.longest[0]:
             self.longest = (seconds, blocked, prefill_tokens, decode_rows)
         now = time.monotonic()

@@ -81,6 +81,7 @@ class StepProbe:
             if getattr(core.runner, "decode_inputs", None) is not None:
                 self._mark_after(core.runner.decode_inputs, "build", "start")
             self._mark_carry()
+            self._mark_late_sampling()
 
     def _mark_after(self, owner, attr: str, kind: str) -> None:
         """Record a timing event on the runner's stream once `attr` returns: "start" after a
@@ -95,6 +96,30 @@ class StepProbe:
             return result
 
         setattr(owner, attr, marked)
+
+    def _mark_late_sampling(self) -> None:
+        """A "start" once a late sampling's metadata is uploaded (its first work on the GPU, queued
+        after the next step's inputs: the GPU may sit idle while the host builds it)."""
+        core, runner, stream = self.core, self.core.runner, self.core.runner.stream
+        late = [False]
+        sample, build = core.sample, runner.sampling_metadata.build
+
+        def in_sample(*args, **kwargs):
+            late[0] = True
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                late[0] = False
+
+        def marked_build(*args, **kwargs):
+            md = build(*args, **kwargs)
+            if late[0]:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record(stream)
+                self.marks.append(("start", event))
+            return md
+
+        core.sample, runner.sampling_metadata.build = in_sample, marked_build
 
     def _mark_carry(self) -> None:
         """A "start" once a step's carried tokens are copied in (its first work at enqueue)."""
@@ -115,10 +140,10 @@ class StepProbe:
         runner._carry_tokens = carry
 
     def event_report(self) -> dict:
-        """GPU idle between steps from CUDA event timestamps (no profiler): for each step, the time
-        from the end of the work queued before it to the moment its inputs' copy was done. Zero
-        when the host queued the step before the GPU ran dry; the copy's own few microseconds
-        count as idle (a slight overstatement)."""
+        """GPU idle from CUDA event timestamps (no profiler; see idle_from_marks): before each
+        start of a step's work, the time since the mark before it. Zero when the host queued the
+        work before the GPU ran dry; the copies' own few microseconds count as idle (a slight
+        overstatement)."""
         if not self.cuda:
             return {"gpu": "n/a (CPU)"}
         torch.cuda.synchronize()
@@ -161,12 +186,13 @@ class StepProbe:
 
 
 def idle_from_marks(marks) -> dict:
-    """Sum, over the steps of the window, of the time from the mark before each "start" event to
-    that start (events with elapsed_time in ms, as torch.cuda.Event): a step's starts are its
-    inputs' upload (stage) and, when it carries tokens, their copy at enqueue, which comes after
-    the late sampling of the step before where there is one; so the GPU's wait for a late
-    sampling and for the next forward behind it both count. A host too slow to launch a step's
-    kernels back to back is not in it (the decode workload here replays one graph per step)."""
+    """Sum, over the window, of the time from the mark before each "start" event to that start
+    (events with elapsed_time in ms, as torch.cuda.Event). A step's starts are its inputs'
+    upload (stage), its late sampling's metadata upload if its sampling is late, and its carried
+    tokens' copy at enqueue (behind the late sampling of the step before, where there is one): so
+    the GPU's wait for the host to build a late sampling and for the forward behind it both count.
+    A host too slow to launch a step's kernels back to back is not in it (the decode workload here
+    replays one graph per step). `gaps`: how many starts were measured (up to three a step)."""
     first_end = last_end = previous = None
     gaps = []
     for kind, event in marks:
@@ -182,7 +208,7 @@ def idle_from_marks(marks) -> dict:
     idle = sum(gaps)
     gaps.sort(reverse=True)
     return {"window_ms": round(window, 3), "idle_ms": round(idle, 3), "idle_pct": round(100 * idle / window, 2),
-            "steps": len(gaps), "over_100us": sum(g > 0.1 for g in gaps),
+            "gaps": len(gaps), "over_100us": sum(g > 0.1 for g in gaps),
             "largest_us": [round(1e3 * g, 1) for g in gaps[:5]]}
 
 

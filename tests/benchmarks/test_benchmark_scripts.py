@@ -53,14 +53,14 @@ def test_idle_from_events_sums_the_gap_before_each_steps_start():
     marks = [("start", FakeEvent(0.1)), ("end", FakeEvent(2.0)), ("start", FakeEvent(2.0)), ("end", FakeEvent(4.0)),
              ("end", FakeEvent(4.5)), ("start", FakeEvent(4.8)), ("end", FakeEvent(7.0))]
     r = idle_from_marks(marks)
-    assert r["window_ms"] == 5.0 and r["steps"] == 2 and r["over_100us"] == 1
+    assert r["window_ms"] == 5.0 and r["gaps"] == 2 and r["over_100us"] == 1
     assert abs(r["idle_ms"] - 0.3) < 1e-9 and abs(r["idle_pct"] - 6.0) < 1e-9 and r["largest_us"] == [300.0, 0.0]
     # Late sampling: step 2's inputs land at 2.1 (0.1 idle after step 1's forward), its late
     # sampling of step 1 ends at 2.6, its carried tokens are copied in at 2.9 (0.3 idle).
     marks = [("start", FakeEvent(0.1)), ("end", FakeEvent(2.0)), ("start", FakeEvent(2.1)), ("end", FakeEvent(2.6)),
              ("start", FakeEvent(2.9)), ("end", FakeEvent(5.0))]
     r = idle_from_marks(marks)
-    assert abs(r["idle_ms"] - 0.4) < 1e-9 and r["window_ms"] == 3.0 and r["steps"] == 2
+    assert abs(r["idle_ms"] - 0.4) < 1e-9 and r["window_ms"] == 3.0 and r["gaps"] == 2
     assert "gpu" in idle_from_marks([("start", FakeEvent(0)), ("end", FakeEvent(1))])
     assert "gpu" in idle_from_marks([("end", FakeEvent(1)), ("end", FakeEvent(2))])  # no step started: n/a, not 0%
 
