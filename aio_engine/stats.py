@@ -93,12 +93,11 @@ class StatsLogger:
                 self._log(time.monotonic())
 
     def record(self, seconds: float, blocked: float, prefill_tokens: int, decode_rows: int,
-               engine_part: float | None = None) -> None:
-        """One loop iteration (`engine_part` of it the step's own work, all of it if not given;
-        the rest its consumers and the web layer); logs (and starts a new interval) when the
-        interval is over."""
+               engine_part: float) -> None:
+        """One loop iteration (`engine_part` of it the step's own work, the rest its consumers
+        and the web layer); logs (and starts a new interval) when the interval is over."""
         self.durations.append(seconds)
-        self.engine_parts.append(seconds if engine_part is None else engine_part)  # paired with durations
+        self.engine_parts.append(engine_part)
         if seconds > self.longest[0]:
             self.longest = (seconds, blocked, prefill_tokens, decode_rows)
         now = time.monotonic()
@@ -121,15 +120,19 @@ class StatsLogger:
         if self.durations:
             ms = sorted(1e3 * d for d in self.durations)
             seconds, blocked, prefill, decode = self.longest
-            text += (f"; loop: {len(ms)} iterations, median {ms[len(ms) // 2]:.2f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.2f} ms, "
+            text += (f"; loop: {len(ms)} iterations, median {ms[len(ms) // 2]:.2f} ms, p99 {_p99(ms):.2f} ms, "
                      f"longest {1e3 * seconds:.2f} ms ({prefill} prefill tokens, {decode} decode rows, "
                      f"{1e3 * blocked:.2f} ms blocked on the device)")
-            if self.engine_parts:  # what of the tail is the engine's step, what its consumers'
-                own = sorted(1e3 * d for d in self.engine_parts)
-                rest = sorted(1e3 * (d - e) for d, e in zip(self.durations, self.engine_parts))
-                text += (f"; the step's own part p99 {own[int(0.99 * (len(own) - 1))]:.2f} ms (longest {own[-1]:.2f}), "
-                         f"consumers' part p99 {rest[int(0.99 * (len(rest) - 1))]:.2f} ms (longest {rest[-1]:.2f})")
+            # What of the tail is the engine's step, what its consumers' turn.
+            own = sorted(1e3 * e for e in self.engine_parts)
+            rest = sorted(1e3 * (d - e) for d, e in zip(self.durations, self.engine_parts))
+            text += (f"; the step's own part p99 {_p99(own):.2f} ms (longest {own[-1]:.2f}), "
+                     f"consumers' part p99 {_p99(rest):.2f} ms (longest {rest[-1]:.2f})")
         if self.gc_pauses:
             text += (f"; GC: {len(self.gc_pauses)} collections, {1e3 * sum(self.gc_pauses):.1f} ms, "
                      f"longest {1e3 * max(self.gc_pauses):.1f} ms")
         return text
+
+
+def _p99(ordered: list[float]) -> float:
+    return ordered[int(0.99 * (len(ordered) - 1))]

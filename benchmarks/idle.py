@@ -83,16 +83,20 @@ class StepProbe:
             self._mark_carry()
             self._mark_late_sampling()
 
+    def _mark(self, kind: str) -> None:
+        """A timing event on the runner's stream, behind what is queued on it now."""
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.core.runner.stream)
+        self.marks.append((kind, event))
+
     def _mark_after(self, owner, attr: str, kind: str) -> None:
-        """Record a timing event on the runner's stream once `attr` returns: "start" after a
-        step's inputs are enqueued (its first GPU work), "end" after its last work is."""
-        original, stream = getattr(owner, attr), self.core.runner.stream
+        """Record a timing event once `attr` returns: "start" after a step's inputs are enqueued
+        (its first GPU work), "end" after its last work is."""
+        original = getattr(owner, attr)
 
         def marked(*args, **kwargs):
             result = original(*args, **kwargs)
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(stream)
-            self.marks.append((kind, event))
+            self._mark(kind)
             return result
 
         setattr(owner, attr, marked)
@@ -100,7 +104,7 @@ class StepProbe:
     def _mark_late_sampling(self) -> None:
         """A "start" once a late sampling's metadata is uploaded (its first work on the GPU, queued
         after the next step's inputs: the GPU may sit idle while the host builds it)."""
-        core, runner, stream = self.core, self.core.runner, self.core.runner.stream
+        core, runner = self.core, self.core.runner
         late = [False]
         sample, build = core.sample, runner.sampling_metadata.build
 
@@ -114,16 +118,14 @@ class StepProbe:
         def marked_build(*args, **kwargs):
             md = build(*args, **kwargs)
             if late[0]:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record(stream)
-                self.marks.append(("start", event))
+                self._mark("start")
             return md
 
         core.sample, runner.sampling_metadata.build = in_sample, marked_build
 
     def _mark_carry(self) -> None:
         """A "start" once a step's carried tokens are copied in (its first work at enqueue)."""
-        runner, stream = self.core.runner, self.core.runner.stream
+        runner = self.core.runner
         original = runner._carry_tokens
 
         def carry(*args):
@@ -131,9 +133,7 @@ class StepProbe:
 
             def marked_fill(*fill_args):
                 fill(*fill_args)
-                event = torch.cuda.Event(enable_timing=True)
-                event.record(stream)
-                self.marks.append(("start", event))
+                self._mark("start")
 
             return marked_fill
 
