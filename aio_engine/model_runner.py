@@ -222,7 +222,7 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """PIECEWISE graphs of the compiled pieces per token count (mixed and prefill batches), then
         FULL graphs of the whole forward (attention inside) for uniform decode batches, per capture
-        size. The FULL graphs' inputs live in DecodeInputs (fixed addresses and strides), so a
+        size up to the first that seats max_num_seqs rows. The FULL graphs' inputs live in DecodeInputs (fixed addresses and strides), so a
         replay only needs those refilled. Largest first, all in one memory pool.
         """
         compilation = self.config.compilation
@@ -243,7 +243,7 @@ class ModelRunner:
                         len(sizes) * len(self.pieces.pieces), len(self.pieces.pieces), len(sizes), min(sizes),
                         max(sizes), time.perf_counter() - start)
         if compilation.full_decode_graphs:
-            self._capture_full_graphs(sizes, pool, progress)
+            self._capture_full_graphs(compilation.full_capture_sizes, pool, progress)
 
     def _capture_full_graphs(self, sizes: list[int], pool, progress: bool) -> None:
         start = time.perf_counter()

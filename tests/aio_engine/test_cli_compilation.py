@@ -25,7 +25,7 @@ def resolve(*argv: str, device: torch.device = CUDA):
     return resolve_compilation_config(engine_args_from(parse_serve_args(list(argv))), device)
 
 
-DEFAULT_SIZES = [1, 2, 4, *range(8, 257, 8)]  # max_num_seqs 256 caps the default 512
+DEFAULT_SIZES = [1, 2, 4, *range(8, 513, 8)]  # token counts: max_num_seqs (256) caps only the FULL graphs
 
 
 @pytest.mark.parametrize("level, mode, graphs, fusion, autotune", [
@@ -39,6 +39,7 @@ def test_each_level_sets_its_defaults(level, mode, graphs, fusion, autotune):
     assert (cc.level, cc.mode, cc.cudagraph_mode, cc.enable_fusion) == (level, mode, graphs, fusion)
     assert cc.inductor_compile_config.get("max_autotune", False) is autotune
     assert cc.cudagraph_capture_sizes == ([] if graphs == "NONE" else DEFAULT_SIZES)
+    assert cc.full_capture_sizes == ([] if graphs == "NONE" else [1, 2, 4, *range(8, 257, 8)])
     assert cc.user_set == ()
     assert resolve().level == 2  # the default level
 
@@ -86,15 +87,27 @@ def test_enforce_eager_means_no_graphs_and_no_compile_at_every_level(level):
         resolve(f"-O{level}", "--enforce-eager", "-cc.cudagraph_mode=FULL")
 
 
-def test_capture_sizes_from_flags_or_cc_capped_by_seats_and_tokens():
+def test_capture_sizes_from_flags_or_cc_capped_by_tokens_full_graphs_by_seats():
     assert resolve("--cudagraph-capture-sizes", "4", "1", "2").cudagraph_capture_sizes == [1, 2, 4]
     assert resolve("-cc.cudagraph_capture_sizes=[1,3]").cudagraph_capture_sizes == [1, 3]
     assert resolve("-cc.cudagraph_capture_sizes+=1,3", "--cudagraph-capture-sizes", "1", "3").cudagraph_capture_sizes == [1, 3]
     assert resolve("--max-cudagraph-capture-size", "16").cudagraph_capture_sizes == [1, 2, 4, 8, 16]
     assert resolve("-cc.max_cudagraph_capture_size=12").cudagraph_capture_sizes == [1, 2, 4, 8, 12]
-    assert resolve("--max-num-seqs", "20").cudagraph_capture_sizes == [1, 2, 4, 8, 16, 20]
     assert resolve("--max-num-batched-tokens", "10").max_cudagraph_capture_size == 10
-    assert resolve("--cudagraph-capture-sizes", "1", "64", "--max-num-seqs", "32").cudagraph_capture_sizes == [1]
+    assert resolve("--max-num-batched-tokens", "100").cudagraph_capture_sizes == [1, 2, 4, *range(8, 97, 8), 100]
+    # FULL decode graphs: up to the first size that seats max_num_seqs rows; piecewise: every size
+    cc = resolve("--max-num-seqs", "20")
+    assert cc.cudagraph_capture_sizes == DEFAULT_SIZES and cc.full_capture_sizes == [1, 2, 4, 8, 16, 24]
+    cc = resolve("--cudagraph-capture-sizes", "1", "64", "--max-num-seqs", "32")
+    assert cc.cudagraph_capture_sizes == [1, 64] and cc.full_capture_sizes == [1, 64]
+    assert resolve("--cudagraph-capture-sizes", "1", "8", "--max-num-seqs", "32").full_capture_sizes == [1, 8]
+    assert resolve("--max-num-seqs", "8").full_capture_sizes == [1, 2, 4, 8]
+    # beyond 512 tokens every 64, beyond 2048 every 256 (a graph per piece and size), up to the largest
+    cc = resolve("--max-cudagraph-capture-size", "1000")
+    assert cc.cudagraph_capture_sizes == [*DEFAULT_SIZES, 576, 640, 704, 768, 832, 896, 960, 1000]
+    assert cc.full_capture_sizes == [1, 2, 4, *range(8, 257, 8)]
+    sizes = resolve("--max-cudagraph-capture-size", "9000").cudagraph_capture_sizes  # capped by the 8192 tokens
+    assert sizes == [*DEFAULT_SIZES, *range(576, 2049, 64), *range(2304, 8193, 256)]
     cc = resolve("-O3", "--cudagraph-capture-sizes", "8")
     assert cc.cudagraph_capture_sizes == [8] and cc.cudagraph_mode == "FULL_AND_PIECEWISE"
 
