@@ -25,6 +25,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import gc
+import hashlib
+import json
 import logging
 import os
 import time
@@ -36,25 +38,50 @@ import torch
 
 from kernels.attention import AttentionMetadata
 
-from .config import CompilationConfig
+from .config import CompilationConfig, EngineConfig
 from .models.layers import set_compiler_fusion
 
 logger = logging.getLogger(__name__)
 
 
-def configure_caches(cache_dir: str | Path, compiles: bool) -> None:
-    """Keep inductor's and Triton's compiled code on disk under `cache_dir` (process-wide), so a
-    second start reuses it. Inductor has no setting for its folder other than the variable it
-    reads itself, so it is set here, once, from the config. Inductor itself is imported (seconds)
-    only when the model `compiles`: -O0 runs Triton kernels, not inductor."""
+def configure_caches(config: EngineConfig) -> Path:
+    """Keep inductor's and Triton's compiled code on disk under the cache_dir (process-wide), so a
+    second start reuses it; returns inductor's folder. Inductor has no setting for its folder other
+    than the variable it reads itself, so it is set here, once, from the config. Inductor itself is
+    imported (seconds) only when the model compiles: -O0 runs Triton kernels, not inductor.
+
+    Inductor's folder is one per cache_key(config): its cache served a graph compiled for the
+    buffers of one token budget (8192 rows, static once a capture size equals the budget) to a
+    start with another (2048), which failed the graph's size check (H100, 2026-11-24). Triton's
+    cache is keyed by each kernel's source and shared."""
     import triton
 
-    root = Path(cache_dir).expanduser()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    root = Path(config.compilation.cache_dir).expanduser()
+    inductor = root / "inductor" / cache_key(config)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
     triton.knobs.cache.dir = str(root / "triton")
-    if compiles:
+    if config.compilation.mode == "compile":
         torch._inductor.config.fx_graph_cache = True  # compiled graphs, keyed by graph and options
         torch._inductor.config.autotune_local_cache = True
+    return inductor
+
+
+def cache_key(config: EngineConfig) -> str:
+    """What the compiled graphs depend on beyond their own code: the model's shape, dtype, the
+    buffers' sizes (token budget, seats, context), the compile options and the library versions."""
+    import triton
+
+    hf = config.model.hf_config.to_dict() if hasattr(config.model.hf_config, "to_dict") else vars(config.model.hf_config)
+    shape = {k: v for k, v in hf.items() if not k.startswith("_") and k != "transformers_version"}
+    cc, sc = config.compilation, config.scheduler
+    parts = dict(
+        model=shape, architecture=config.model.architecture, dtype=str(config.model.dtype),
+        max_model_len=config.model.max_model_len, max_num_batched_tokens=sc.max_num_batched_tokens,
+        max_num_seqs=sc.max_num_seqs, block_size=config.cache.block_size, mode=cc.mode,
+        cudagraph_mode=cc.cudagraph_mode, enable_fusion=cc.enable_fusion, inductor=cc.inductor_compile_config,
+        torch=torch.__version__, triton=triton.__version__, device=str(config.device.type),
+    )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

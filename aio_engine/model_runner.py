@@ -41,7 +41,7 @@ class ModelRunner:
         mc = config.model
         torch.manual_seed(mc.seed)
         # Before any kernel or graph is compiled.
-        configure_caches(config.compilation.cache_dir, compiles=config.compilation.mode == "compile")
+        configure_caches(config)
         start = time.perf_counter()
         self.model = load_model(config)
         logger.info("loaded %s (%s, %s) in %.1fs", mc.path, mc.architecture, mc.dtype, time.perf_counter() - start)

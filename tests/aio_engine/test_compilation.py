@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from aio_engine import LLM
+from aio_engine.compilation import cache_key
 
 from .conftest import SMALL, _live_cores, random_prompt
 from .test_llm import assert_hf_argmax, greedy, run
@@ -90,6 +91,20 @@ def test_a_second_start_compiles_from_the_disk_cache(make_compiled, tiny_models,
     assert any((compile_cache / "inductor").iterdir())
     prompts, params = mixed_batch()
     assert run(second, prompts, params) == run(first, prompts, params)
+
+
+def test_another_token_budget_compiles_into_its_own_cache_folder(make_compiled, tiny_models, compile_cache):
+    first = make_compiled("llama")
+    folders = set((compile_cache / "inductor").iterdir())
+    hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+    cc = {"mode": "compile", "pass_config": {"enable_fusion": True}, "cache_dir": str(compile_cache)}
+    other = LLM(model=str(tiny_models["llama"]), compilation_config=cc, max_num_batched_tokens=96, **SMALL)
+    _live_cores.append(other.core)
+    assert counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"] == hits
+    assert len(set((compile_cache / "inductor").iterdir()) - folders) == 1, "a folder of its own"
+    assert cache_key(other.core.config) != cache_key(first.core.config)
+    prompts, params = mixed_batch()
+    assert run(other, prompts, params) == run(first, prompts, params)
 
 
 def test_pieces_over_padded_buffers_give_the_hidden_states_of_the_batch(make_compiled):
