@@ -50,6 +50,7 @@ class BatchBitmask:
             self._rows_device = torch.empty_like(self._rows_host, device=self.device)
             self._uploaded = torch.cuda.Event()
         self._uploading = False
+        self._sms: int | None = None  # the device's multiprocessors: the apply kernel's grid
         self._rows: list[int] = []  # the logits rows filled for the current step
         self._rows_sent: list[int] | None = None  # the rows _rows_device holds (CUDA)
         # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python.
@@ -140,8 +141,23 @@ class BatchBitmask:
             self._rows_sent = self._rows
         self._uploaded.record()
         self._uploading = True
-        xgr.apply_token_bitmask_inplace(logits, self._mask_device, indices=self._rows_device[:count],
-                                        vocab_size=self.vocab_size)
+        self._launch(logits, count)
+
+    def _launch(self, logits: torch.Tensor, count: int) -> None:
+        """xgrammar's Triton kernel (what xgr.apply_token_bitmask_inplace runs on CUDA), launched
+        with its settings worked out once: its wrapper asks for the device's properties twice and
+        checks the arguments on every call (~0.1 ms of host time a step on the H100)."""
+        if logits.stride(-1) != 1:
+            raise ValueError("apply: the logits' rows must be contiguous")
+        from xgrammar.kernels.apply_token_bitmask_inplace_triton import apply_token_bitmask_inplace_kernel
+
+        if self._sms is None:
+            self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        block = 4096  # xgrammar's block: num_warps = block / 32 lanes / (16 / bytes per logit)
+        apply_token_bitmask_inplace_kernel[(self._sms,)](
+            logits, self._mask_device, self._rows_device, count, self.vocab_size, logits.stride(0),
+            self._mask_device.stride(0), self._sms, block,
+            num_warps=block // 32 // (16 // logits.element_size()), num_stages=3)
 
     def _fit(self, vocab_size: int) -> None:
         """Size the host buffer to the grammars' vocabulary (one tokenizer's: once per engine)."""

@@ -153,9 +153,11 @@ def test_xgrammar_apply_on_cuda_equals_the_reference(vocab_size, dtype):
         assert torch.equal(got.cpu(), expected), (vocab_size, dtype, indices)
 
 
-def test_batch_bitmask_on_cuda_masks_only_constrained_rows_at_qwen_vocab(llm):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_bitmask_on_cuda_masks_only_constrained_rows_at_qwen_vocab(llm, dtype):
     """Real matchers over several steps, an lm_head as wide as Qwen's (ids past the tokenizer are
-    padding): the CUDA apply equals the reference on the host mask; other rows stay untouched."""
+    padding): the CUDA apply (xgrammar's kernel launched directly) equals the reference on the
+    host mask, in float32 and bfloat16 logits; other rows stay untouched."""
     from structured import GrammarCompilerService
 
     service = GrammarCompilerService(llm.tokenizer, QWEN_VOCAB, stop_token_ids=list(llm.core.eos_token_ids))
@@ -170,7 +172,7 @@ def test_batch_bitmask_on_cuda_masks_only_constrained_rows_at_qwen_vocab(llm):
             if not live:
                 break
             bitmask.fill([grammars[r] for r in live], live)
-            logits = torch.randn(10, QWEN_VOCAB, generator=gen)
+            logits = torch.randn(10, QWEN_VOCAB, generator=gen).to(dtype)
             expected = logits.clone()
             apply_bitmask_reference(expected, bitmask.host, live)
             got = logits.cuda()
