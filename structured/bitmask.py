@@ -23,6 +23,7 @@ host buffer is never rewritten under a pending copy. An event guards that all th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -149,12 +150,10 @@ class BatchBitmask:
         checks the arguments on every call (~0.1 ms of host time a step on the H100)."""
         if logits.stride(-1) != 1:
             raise ValueError("apply: the logits' rows must be contiguous")
-        from xgrammar.kernels.apply_token_bitmask_inplace_triton import apply_token_bitmask_inplace_kernel
-
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         block = 4096  # xgrammar's block: num_warps = block / 32 lanes / (16 / bytes per logit)
-        apply_token_bitmask_inplace_kernel[(self._sms,)](
+        apply_kernel()[(self._sms,)](
             logits, self._mask_device, self._rows_device, count, self.vocab_size, logits.stride(0),
             self._mask_device.stride(0), self._sms, block,
             num_warps=block // 32 // (16 // logits.element_size()), num_stages=3)
@@ -175,6 +174,17 @@ class BatchBitmask:
         if self._uploading:
             self._uploaded.synchronize()
             self._uploading = False
+
+
+@functools.cache
+def apply_kernel():
+    """xgrammar's Triton apply kernel, jitted again with its row count not specialized: as xgrammar
+    jits it, a count that is a multiple of 16 is a kernel of its own, compiled (~0.25 s, the engine
+    loop held) the first time a constrained batch reaches such a count."""
+    import triton
+    from xgrammar.kernels.apply_token_bitmask_inplace_triton import apply_token_bitmask_inplace_kernel
+
+    return triton.jit(apply_token_bitmask_inplace_kernel.fn, do_not_specialize=["num_rows"])
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -153,6 +153,28 @@ def test_xgrammar_apply_on_cuda_equals_the_reference(vocab_size, dtype):
         assert torch.equal(got.cpu(), expected), (vocab_size, dtype, indices)
 
 
+def test_bitmask_apply_compiles_once_whatever_the_row_count():
+    """A constrained batch thins out step by step: no count of rows (1, multiples of 16 or others)
+    may compile a kernel of its own (a compile holds the engine loop ~0.25 s)."""
+    from structured.bitmask import apply_kernel
+
+    kernel = apply_kernel()
+    kernel.device_caches.clear()  # count this test's compiles only
+    bitmask = BatchBitmask(64, 5000, "cuda")
+    gen = torch.Generator().manual_seed(3)
+    bitmask.host = torch.randint(-(2**31), 2**31, (64, (5000 + 31) // 32), generator=gen).to(torch.int32).pin_memory()
+    for count in (1, 2, 16, 17, 48, 63, 64):
+        rows = sorted(torch.randperm(64, generator=gen)[:count].tolist())
+        logits = torch.randn(64, 5000, generator=gen)
+        expected = logits.clone()
+        apply_bitmask_reference(expected, bitmask.host, rows)
+        got = logits.cuda()
+        bitmask._rows = rows
+        bitmask.apply(got)
+        assert torch.equal(got.cpu(), expected), count
+    assert len(kernel.device_caches[torch.cuda.current_device()][0]) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_bitmask_on_cuda_masks_only_constrained_rows_at_qwen_vocab(llm, dtype):
     """Real matchers over several steps, an lm_head as wide as Qwen's (ids past the tokenizer are
