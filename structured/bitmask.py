@@ -182,7 +182,9 @@ def apply_kernel():
     jits it, a count that is a multiple of 16 is a kernel of its own, compiled (~0.25 s, the engine
     loop held) the first time a constrained batch reaches such a count."""
     import triton
-    from xgrammar.kernels.apply_token_bitmask_inplace_triton import apply_token_bitmask_inplace_kernel
+    from xgrammar.kernels.apply_token_bitmask_inplace_triton import (
+        apply_token_bitmask_inplace_kernel,
+    )
 
     return triton.jit(apply_token_bitmask_inplace_kernel.fn, do_not_specialize=["num_rows"])
 
