@@ -25,7 +25,9 @@ def resolve(*argv: str, device: torch.device = CUDA):
     return resolve_compilation_config(engine_args_from(parse_serve_args(list(argv))), device)
 
 
-DEFAULT_SIZES = [1, 2, 4, *range(8, 513, 8)]  # token counts: max_num_seqs (256) caps only the FULL graphs
+SIZES_512 = [1, 2, 4, *range(8, 513, 8)]
+# Token counts up to the budget (8192 on CUDA): max_num_seqs (256) caps only the FULL graphs.
+DEFAULT_SIZES = [*SIZES_512, *range(576, 2049, 64), *range(2304, 8193, 256)]
 
 
 @pytest.mark.parametrize("level, mode, graphs, fusion, autotune", [
@@ -98,16 +100,18 @@ def test_capture_sizes_from_flags_or_cc_capped_by_tokens_full_graphs_by_seats():
     # FULL decode graphs: up to the first size that seats max_num_seqs rows; piecewise: every size
     cc = resolve("--max-num-seqs", "20")
     assert cc.cudagraph_capture_sizes == DEFAULT_SIZES and cc.full_capture_sizes == [1, 2, 4, 8, 16, 24]
+    assert resolve("--max-cudagraph-capture-size", "512").cudagraph_capture_sizes == SIZES_512  # vLLM's default
     cc = resolve("--cudagraph-capture-sizes", "1", "64", "--max-num-seqs", "32")
     assert cc.cudagraph_capture_sizes == [1, 64] and cc.full_capture_sizes == [1, 64]
     assert resolve("--cudagraph-capture-sizes", "1", "8", "--max-num-seqs", "32").full_capture_sizes == [1, 8]
     assert resolve("--max-num-seqs", "8").full_capture_sizes == [1, 2, 4, 8]
     # beyond 512 tokens every 64, beyond 2048 every 256 (a graph per piece and size), up to the largest
     cc = resolve("--max-cudagraph-capture-size", "1000")
-    assert cc.cudagraph_capture_sizes == [*DEFAULT_SIZES, 576, 640, 704, 768, 832, 896, 960, 1000]
+    assert cc.cudagraph_capture_sizes == [*SIZES_512, 576, 640, 704, 768, 832, 896, 960, 1000]
     assert cc.full_capture_sizes == [1, 2, 4, *range(8, 257, 8)]
-    sizes = resolve("--max-cudagraph-capture-size", "9000").cudagraph_capture_sizes  # capped by the 8192 tokens
-    assert sizes == [*DEFAULT_SIZES, *range(576, 2049, 64), *range(2304, 8193, 256)]
+    assert resolve("--max-cudagraph-capture-size", "9000").cudagraph_capture_sizes == DEFAULT_SIZES  # 8192 tokens
+    sizes = resolve("--max-num-batched-tokens", "12000").cudagraph_capture_sizes  # the budget is the default
+    assert sizes == [*DEFAULT_SIZES, 9216, 10240, 11264, 12000]
     cc = resolve("-O3", "--cudagraph-capture-sizes", "8")
     assert cc.cudagraph_capture_sizes == [8] and cc.cudagraph_mode == "FULL_AND_PIECEWISE"
 
