@@ -76,10 +76,12 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="library: the lm_head width (>= tokenizer's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="library: bitmask steps")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="engine: constrained runs per fill-thread count, each followed by its unconstrained twin")
     parser.add_argument("--fill-threads", nargs="+", default=["1"],
                         help="threads for one batch fill: integers (the engine's default: a quarter of the cores, 1 to 4), or auto for "
                              "xgrammar's (half the host's cores); engine mode runs the constrained batch once "
-                             "per value, library mode uses the first")
+                             "per value (--repeats times), library mode uses the first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     engine = parser.add_argument_group("engine mode")
     engine.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -226,49 +228,57 @@ def engine_level(args) -> dict:
     runs = {}
     runs["unconstrained"] = _timed_batch(core, prompts, [params(False, i) for i in range(args.batch)])
     runs["unconstrained"]["fill_calls"] = len(fills)
-    for threads in args.fill_threads:
-        use_bitmask(threads)
-        name = "constrained" if len(args.fill_threads) == 1 else f"constrained, {threads} fill threads"
-        fills.clear()
-        waits.clear()
-        runs[name] = run = _timed_batch(core, prompts, [params(True, i) for i in range(args.batch)])
-        run["fill_calls"], run["fill_threads"] = len(fills), threads
-        run["fill_per_step_ms"] = statistics.median(t for t, _ in fills) * 1e3 if fills else 0.0
-        run["fill_wait_per_step_ms"] = sum(waits) / max(1, len(fills)) * 1e3
-        run["fill_per_row_us"] = sum(t for t, _ in fills) / max(1, sum(n for _, n in fills)) * 1e6
     # Constrained requests end where their grammar does (a random model's JSON object ends at its
     # eos), so the batch thins out; the same run unconstrained, each request stopping at the
     # length it had constrained, has the same shape: the ratio to it is the constraint's own cost.
-    lengths = run["lengths"]
-    same = "unconstrained, the constrained lengths"
-    runs[same] = _timed_batch(core, prompts, [replace(params(False, i), max_tokens=n) for i, n in enumerate(lengths)])
-    assert runs[same]["lengths"] == lengths, "the unconstrained run did not stop at the constrained lengths"
+    # Each constrained run is followed by its unconstrained twin, --repeats times (the host's speed
+    # drifts within a process: a pair's ratio is the figure, their median the result).
+    free = runs["unconstrained"]
+    pair_ratios: dict[str, list[float]] = {}
+    ratios, fixed_ratios = {}, {}
+    for threads in args.fill_threads:
+        use_bitmask(threads)
+        label = "constrained" if len(args.fill_threads) == 1 else f"constrained, {threads} fill threads"
+        for repeat in range(1, args.repeats + 1):
+            name = label if repeat == 1 else f"{label} #{repeat}"
+            fills.clear()
+            waits.clear()
+            runs[name] = run = _timed_batch(core, prompts, [params(True, i) for i in range(args.batch)])
+            run["fill_calls"], run["fill_threads"] = len(fills), threads
+            run["fill_per_step_ms"] = statistics.median(t for t, _ in fills) * 1e3 if fills else 0.0
+            run["fill_wait_per_step_ms"] = sum(waits) / max(1, len(fills)) * 1e3
+            run["fill_per_row_us"] = sum(t for t, _ in fills) / max(1, sum(n for _, n in fills)) * 1e6
+            lengths = run["lengths"]
+            same = f"unconstrained, the lengths of {name}"
+            runs[same] = twin = _timed_batch(core, prompts, [replace(params(False, i), max_tokens=n)
+                                                             for i, n in enumerate(lengths)])
+            assert twin["lengths"] == lengths, "the unconstrained run did not stop at the constrained lengths"
+            pair_ratios.setdefault(label, []).append(run["decode_tok_s"] / twin["decode_tok_s"])
+            fixed_ratios.setdefault(label, []).append(run["decode_tok_s"] / free["decode_tok_s"])
+        ratios[label] = statistics.median(pair_ratios[label])
+        fixed_ratios[label] = statistics.median(fixed_ratios[label])
     assert runs["unconstrained"]["fill_calls"] == 0, "an unconstrained batch filled bitmask rows"
-    free, matched = runs["unconstrained"], runs[same]
-    constrained_runs = [name for name in runs if not name.startswith("unconstrained")]
-    ratios = {name: runs[name]["decode_tok_s"] / matched["decode_tok_s"] if matched["decode_tok_s"] else float("nan")
-              for name in constrained_runs}
-    fixed_ratios = {name: runs[name]["decode_tok_s"] / free["decode_tok_s"] if free["decode_tok_s"] else float("nan")
-                    for name in constrained_runs}
     ratio = max(ratios.values())
     print(f"model {Path(args.model).name} ({args.load_format}, {core.config.model.dtype}), tokenizer "
           f"{Path(args.tokenizer).name}, vocab {vocab}, batch {args.batch}, max_tokens {args.max_tokens}, "
           f"device {core.config.device}, async scheduling {core.config.scheduler.async_scheduling}, "
           f"fill threads {' '.join(args.fill_threads)}, startup {startup_s:.1f}s")
-    print("| run | decode tok/s | output tok/s | mean output len | finished by grammar | valid JSON | "
-          "fill / step (ms) | fill / request (us) | waited for the fill / step (ms) | steps run ahead | "
-          "late samplings |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | decode tok/s | output tok/s | mean output len | decode step p50 / p90 / max (ms) | "
+          "finished by grammar | valid JSON | fill / step (ms) | fill / request (us) | "
+          "waited for the fill / step (ms) | steps run ahead | late samplings |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         constrained = not name.startswith("unconstrained")
         fill_cells = (f"{run['fill_per_step_ms']:.3f} | {run['fill_per_row_us']:.1f} | {run['fill_wait_per_step_ms']:.3f}"
                       if constrained else "- | - | -")
+        steps = " / ".join(f"{run[k]:.2f}" for k in ("step_ms_p50", "step_ms_p90", "step_ms_max"))
         print(f"| {name} | {run['decode_tok_s']:.0f} | {run['output_tok_s']:.0f} | {run['mean_output_len']:.1f} | "
-              f"{run['stopped']}/{args.batch} | {run['valid'] if constrained else '-'} | {fill_cells} | "
+              f"{steps} | {run['stopped']}/{args.batch} | {run['valid'] if constrained else '-'} | {fill_cells} | "
               f"{run['steps_run_ahead']}/{run['steps']} | {run['late_samplings']} |")
     for name, value in ratios.items():
-        print(f"{name} / unconstrained decode throughput at the same lengths: {value:.1%} (goal >= 90%); "
-              f"against {args.max_tokens} tokens each: {fixed_ratios[name]:.1%}")
+        pairs = ", ".join(f"{r:.1%}" for r in pair_ratios[name])
+        print(f"{name} / unconstrained decode throughput at the same lengths: median {value:.1%} of {pairs} "
+              f"(goal >= 90%); against {args.max_tokens} tokens each: {fixed_ratios[name]:.1%}")
     print("| compiler for the vocabulary (s) | compile cold (ms) | compile cached (us) |")
     print("|---|---|---|")
     print(f"| {compiler_s:.3f} | {cold_s * 1e3:.1f} | {cached_s * 1e6:.1f} |")
@@ -276,7 +286,8 @@ def engine_level(args) -> dict:
             "dtype": str(core.config.model.dtype), "device": str(core.config.device), "vocab_size": vocab,
             "batch": args.batch, "max_tokens": args.max_tokens,
             "async_scheduling": core.config.scheduler.async_scheduling, "fill_threads": args.fill_threads,
-            "runs": runs, "decode_ratio": ratio, "decode_ratios": ratios, "decode_ratios_fixed_length": fixed_ratios,
+            "runs": runs, "decode_ratio": ratio, "decode_ratios": ratios, "decode_ratio_pairs": pair_ratios,
+            "decode_ratios_fixed_length": fixed_ratios,
             "compiler_s": compiler_s, "compile_cold_ms": cold_s * 1e3,
             "compile_cached_us": cached_s * 1e6}
 
@@ -285,7 +296,7 @@ def _timed_batch(core, prompts, params) -> dict:
     """Run one batch to the end on the core, step by step; decode steps are those computing no prompt token."""
     finals = {}
     ids = [core.add_request(None, prompt, p)[0].parent_id for prompt, p in zip(prompts, params)]
-    decode_s, decode_tokens = 0.0, 0
+    decode_s, decode_tokens, step_times = 0.0, 0, []
     start = time.perf_counter()
     generated = core.num_generated_tokens
     steps, ahead, late = core.num_steps, core.num_steps_run_ahead, core.num_late_samplings
@@ -296,8 +307,10 @@ def _timed_batch(core, prompts, params) -> dict:
             if out.finished:
                 finals[out.request_id] = out
         if core.num_prompt_tokens_computed == prompt_before:
-            decode_s += time.perf_counter() - step_start
+            step_times.append(time.perf_counter() - step_start)
             decode_tokens += core.num_generated_tokens - tokens_before
+    decode_s = sum(step_times)
+    step_ms = sorted(t * 1e3 for t in step_times) or [0.0]
     elapsed = time.perf_counter() - start
     total = core.num_generated_tokens - generated
     outputs = [o.outputs[0] for o in finals.values()]
@@ -312,6 +325,8 @@ def _timed_batch(core, prompts, params) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": total, "output_tok_s": total / elapsed,
             "decode_s": decode_s, "decode_tokens": decode_tokens,
             "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+            "step_ms_p50": step_ms[len(step_ms) // 2], "step_ms_p90": step_ms[int(len(step_ms) * 0.9)],
+            "step_ms_max": step_ms[-1],
             "mean_output_len": total / max(1, len(outputs)),
             "lengths": [len(finals[i].outputs[0].token_ids) for i in ids],
             "stopped": sum(c.finish_reason == "stop" for c in outputs), "valid": valid,
