@@ -103,6 +103,12 @@ def test_accept_batch_advances_each_grammar_by_its_token(service, tokenizer):
     assert [g.num_tokens for g in grammars] == [1, 1, 0]
     with pytest.raises(ValueError, match="2 tokens"):
         accept_batch(grammars, [a, b])
+    # every token accepted (the usual step, answered without reading xgrammar's result per row):
+    # the two finished choices take the stop token and terminate, the third takes its first token
+    assert accept_batch(grammars, [EOS, EOS, b]) == [True, True, True]
+    assert [g.num_tokens for g in grammars] == [2, 2, 1]
+    assert [g.is_terminated for g in grammars] == [True, True, False]
+    assert [g.matcher.is_terminated() for g in grammars] == [True, True, False]
 
 
 def test_n_sequences_share_one_compiled_grammar_but_not_their_state(service, tokenizer):
