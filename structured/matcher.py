@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import torch
 import xgrammar as xgr
 from tvm_ffi._ffi_api import ArrayContains as _array_contains  # xgrammar's FFI (tvm_ffi): one call
-from xgrammar.base import _core as _xgr_core  # xgrammar's C++ batch calls, under its Python wrappers
+from xgrammar.base import (
+    _core as _xgr_core,  # xgrammar's C++ batch calls, under its Python wrappers
+)
 
 
 class RequestGrammar:
