@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="library: the lm_head width (>= tokenizer's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="library: bitmask steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="engine: the first constrained run and its twin under cProfile (their figures include its cost)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="engine: constrained runs per fill-thread count, each followed by its unconstrained twin")
     parser.add_argument("--fill-threads", nargs="+", default=["1"],
@@ -243,7 +245,8 @@ def engine_level(args) -> dict:
             name = label if repeat == 1 else f"{label} #{repeat}"
             fills.clear()
             waits.clear()
-            runs[name] = run = _timed_batch(core, prompts, [params(True, i) for i in range(args.batch)])
+            runs[name] = run = _timed_batch(core, prompts, [params(True, i) for i in range(args.batch)],
+                                            profile=args.profile and repeat == 1)
             run["fill_calls"], run["fill_threads"] = len(fills), threads
             run["fill_per_step_ms"] = statistics.median(t for t, _ in fills) * 1e3 if fills else 0.0
             run["fill_wait_per_step_ms"] = sum(waits) / max(1, len(fills)) * 1e3
@@ -251,7 +254,8 @@ def engine_level(args) -> dict:
             lengths = run["lengths"]
             same = f"unconstrained, the lengths of {name}"
             runs[same] = twin = _timed_batch(core, prompts, [replace(params(False, i), max_tokens=n)
-                                                             for i, n in enumerate(lengths)])
+                                                             for i, n in enumerate(lengths)],
+                                             profile=args.profile and repeat == 1)
             assert twin["lengths"] == lengths, "the unconstrained run did not stop at the constrained lengths"
             pair_ratios.setdefault(label, []).append(run["decode_tok_s"] / twin["decode_tok_s"])
             fixed_ratios.setdefault(label, []).append(run["decode_tok_s"] / free["decode_tok_s"])
@@ -292,8 +296,18 @@ def engine_level(args) -> dict:
             "compile_cached_us": cached_s * 1e6}
 
 
-def _timed_batch(core, prompts, params) -> dict:
-    """Run one batch to the end on the core, step by step; decode steps are those computing no prompt token."""
+def _timed_batch(core, prompts, params, profile: bool = False) -> dict:
+    """Run one batch to the end on the core, step by step; decode steps are those computing no
+    prompt token. `profile`: under cProfile, its 25 functions of most own time printed (the
+    times then include the profiler's cost)."""
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(_timed_batch, core, prompts, params)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return result
     finals = {}
     ids = [core.add_request(None, prompt, p)[0].parent_id for prompt, p in zip(prompts, params)]
     decode_s, decode_tokens, step_times = 0.0, 0, []
