@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not benchmarks/sampling.py
 
 
 def mm_host_us(counts: list[int], backend: str) -> float:

@@ -204,7 +204,12 @@ def gumbel_argmax(
     out: torch.Tensor | None = None,  # [rows] int64, written at `rows`
     skip: torch.Tensor | None = None,  # [len(rows)] bool: rows to leave alone
 ) -> torch.Tensor:
-    """argmax(logits / T + Gumbel noise) per row: one draw from softmax(logits / T) per row."""
+    """argmax(logits / T + Gumbel noise) per row: one draw from softmax(logits / T) per row.
+
+    Every row greedy, nothing else asked: torch's argmax, one launch (H100, 256 x 151,936: 12 us of
+    host time against 94 us for the split kernel's two Triton launches, 83 vs 70 us on the GPU)."""
+    if keys is None and floor is None and rows is None and out is None and skip is None:
+        return logits.argmax(dim=-1)
     if logits.is_cuda:
         return gumbel_argmax_triton(logits, keys, inv_temp, floor, rows, out, skip)
     return gumbel_argmax_reference(logits, keys, inv_temp, floor, rows, out, skip)
