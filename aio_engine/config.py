@@ -89,7 +89,7 @@ class EngineArgs:
     prefix_caching_hash_algo: str = arg("sha256", "Block hash: sha256 (collision-safe) or xxhash (fast).", ("sha256", "xxhash"), group="cache")
     kv_cache_dtype: str = arg("auto", "KV cache dtype; auto: the model dtype.", ("auto", "bfloat16", "float16", "float32"), group="cache")
     # scheduler
-    max_num_batched_tokens: int | None = arg(None, "Most tokens in one step. Default 8192 on GPU, 2048 on CPU. With chunked prefill, a budget no larger than the largest CUDA-graph capture size (256 by default) keeps every step within a graph: lower inter-token latency under load, less throughput at saturation.", group="scheduler")
+    max_num_batched_tokens: int | None = arg(None, "Most tokens in one step. Default 8192 on GPU, 2048 on CPU (without chunked prefill at least --max-model-len). Every step up to it replays CUDA graphs (--max-cudagraph-capture-size defaults to it); a smaller budget splits long prompts into more steps: lower inter-token latency under load, less throughput at saturation.", group="scheduler")
     max_num_seqs: int = arg(256, "Most requests in one step.", group="scheduler")
     scheduling_policy: str = arg("fcfs", "fcfs: arrival order; priority: lower `priority` first, then arrival.", ("fcfs", "priority"), group="scheduler")
     enable_chunked_prefill: bool = arg(True, "Split long prompts into chunks that share steps with decodes.", group="scheduler")
@@ -325,7 +325,7 @@ class EngineConfig:
         elif model.tokenizer is None:
             model.tokenizer = str(path)
         kv_dtype = dtype if args.kv_cache_dtype == "auto" else _DTYPES[args.kv_cache_dtype]
-        compilation = resolve_compilation_config(args, device)
+        compilation = resolve_compilation_config(args, device, batched)
         logger.info("compilation config: %s", compilation.describe())
         return cls(
             model=model,
@@ -346,7 +346,7 @@ class EngineConfig:
         )
 
 
-def resolve_compilation_config(args: EngineArgs, device: torch.device) -> CompilationConfig:
+def resolve_compilation_config(args: EngineArgs, device: torch.device, batched: int | None = None) -> CompilationConfig:
     """The -O level's defaults under what the user set (-cc keys, dedicated flags, --enforce-eager).
 
     CUDA graphs exist on CUDA only: elsewhere cudagraph_mode resolves to NONE, and mode to none unless
@@ -404,7 +404,8 @@ def resolve_compilation_config(args: EngineArgs, device: torch.device) -> Compil
     if implied["max_autotune"]:
         inductor = {"max_autotune": True, **inductor}
 
-    batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+    if batched is None:  # the token budget as EngineConfig.build resolves it (given there)
+        batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
     largest = cc.get("max_cudagraph_capture_size", batched)
     if not isinstance(largest, int) or isinstance(largest, bool) or largest < 1:
         raise ValueError(f"max_cudagraph_capture_size must be an integer >= 1, got {largest!r}")

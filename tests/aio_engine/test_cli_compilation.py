@@ -112,6 +112,9 @@ def test_capture_sizes_from_flags_or_cc_capped_by_tokens_full_graphs_by_seats():
     assert resolve("--max-cudagraph-capture-size", "9000").cudagraph_capture_sizes == DEFAULT_SIZES  # 8192 tokens
     sizes = resolve("--max-num-batched-tokens", "12000").cudagraph_capture_sizes  # the budget is the default
     assert sizes == [*DEFAULT_SIZES, 9216, 10240, 11264, 12000]
+    # the budget as EngineConfig resolved it (without chunked prefill: at least max_model_len)
+    args = engine_args_from(parse_serve_args(["--no-enable-chunked-prefill"]))
+    assert resolve_compilation_config(args, CUDA, 12000).cudagraph_capture_sizes == sizes
     cc = resolve("-O3", "--cudagraph-capture-sizes", "8")
     assert cc.cudagraph_capture_sizes == [8] and cc.cudagraph_mode == "FULL_AND_PIECEWISE"
 
