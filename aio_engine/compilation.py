@@ -68,7 +68,9 @@ def configure_caches(config: EngineConfig) -> Path:
 
 def cache_key(config: EngineConfig) -> str:
     """What the compiled graphs depend on beyond their own code: the model's shape, dtype, the
-    buffers' sizes (token budget, seats, context), the compile options and the library versions."""
+    sizes of the buffers they read (the token budget, and the context through the rotary cache),
+    the compile options and the library versions. Not the seats or the block size: attention,
+    which reads those, runs between the compiled pieces."""
     import triton
 
     hf = config.model.hf_config.to_dict() if hasattr(config.model.hf_config, "to_dict") else vars(config.model.hf_config)
@@ -76,8 +78,7 @@ def cache_key(config: EngineConfig) -> str:
     cc, sc = config.compilation, config.scheduler
     parts = dict(
         model=shape, architecture=config.model.architecture, dtype=str(config.model.dtype),
-        max_model_len=config.model.max_model_len, max_num_batched_tokens=sc.max_num_batched_tokens,
-        max_num_seqs=sc.max_num_seqs, block_size=config.cache.block_size, mode=cc.mode,
+        max_model_len=config.model.max_model_len, max_num_batched_tokens=sc.max_num_batched_tokens, mode=cc.mode,
         cudagraph_mode=cc.cudagraph_mode, enable_fusion=cc.enable_fusion, inductor=cc.inductor_compile_config,
         torch=torch.__version__, triton=triton.__version__, device=str(config.device.type),
     )
