@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 DEFAULT_CACHE_DIR = "~/.cache/aio-engine"
+# The default capture size's ceiling: a larger budget's longest steps are GPU-bound (8,192 tokens
+# of Qwen3-0.6B: ~15-20 ms on the H100, about the host time of running its pieces from Python),
+# and each size costs startup (a graph per compiled piece, a warm-up forward at that size).
+DEFAULT_CAPTURE_CAP = 8192
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -99,7 +103,7 @@ class EngineArgs:
     optimization_level: int = arg(2, "-O0 eager, -O1 compile + piecewise graphs, -O2 + full decode graphs and fusions, -O3 + autotune. Sets defaults only: what -cc or a flag sets wins.", (0, 1, 2, 3), group="compilation")
     enforce_eager: bool = arg(False, "Never capture CUDA graphs (cudagraph_mode NONE) and, unless -cc.mode says otherwise, never compile.", group="compilation")
     cudagraph_capture_sizes: list[int] | None = arg(None, "Batch sizes to capture CUDA graphs for (default: 1, 2, 4, 8, then every 8 up to 512, every 64 up to 2048, every 256 up to 8192, every 1024 beyond, up to --max-cudagraph-capture-size). Piecewise graphs take every size (token counts of any batch); FULL decode graphs those up to the first that seats --max-num-seqs rows.", group="compilation")
-    max_cudagraph_capture_size: int | None = arg(None, "Largest batch, in tokens, captured in a CUDA graph (default: --max-num-batched-tokens, so every step replays graphs; capped by it). A step with more tokens runs the compiled pieces from Python: ~20-40 ms of host time for a 1,000-token prefill of Qwen3-0.6B on the H100, against ~2 ms in graphs. 512 is vLLM's default: shorter startup (each size is a graph per compiled piece), slower long prefills.", group="compilation")
+    max_cudagraph_capture_size: int | None = arg(None, f"Largest batch, in tokens, captured in a CUDA graph (default: --max-num-batched-tokens up to {DEFAULT_CAPTURE_CAP}, so that with the default budget every step replays graphs; capped by the budget). A step with more tokens runs the compiled pieces from Python: ~20-40 ms of host time for a 1,000-token prefill of Qwen3-0.6B on the H100, against ~2 ms in graphs (past {DEFAULT_CAPTURE_CAP} tokens a step's GPU time outweighs that, and each size costs startup). 512 is vLLM's default: shorter startup (each size is a graph per compiled piece), slower long prefills.", group="compilation")
     compilation_config: dict = arg({}, f"JSON settings of compilation and CUDA graphs: mode (none|compile; on CPU only when given), cudagraph_mode (NONE|PIECEWISE|FULL|FULL_DECODE_ONLY|FULL_AND_PIECEWISE), cudagraph_capture_sizes, max_cudagraph_capture_size, pass_config {{enable_fusion}}, inductor_compile_config, cache_dir (compiled code kept across starts, inductor's in a folder per model shape, token budget and compile options; default {DEFAULT_CACHE_DIR}). Keys set here win over -O's defaults.", group="compilation")
     # structured outputs
     structured_outputs_config: dict = arg({}, "JSON settings of grammar-constrained decoding: backend, disable_any_whitespace, disable_additional_properties, max_cache_entries, compile_threads, compile_workers, fill_threads (xgrammar's threads for the per-step bitmask fill, default a quarter of the cores, 1 to 4).", group="structured_outputs")
@@ -406,7 +410,7 @@ def resolve_compilation_config(args: EngineArgs, device: torch.device, batched: 
 
     if batched is None:  # the token budget as EngineConfig.build resolves it (given there)
         batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
-    largest = cc.get("max_cudagraph_capture_size", batched)
+    largest = cc.get("max_cudagraph_capture_size", min(batched, DEFAULT_CAPTURE_CAP))
     if not isinstance(largest, int) or isinstance(largest, bool) or largest < 1:
         raise ValueError(f"max_cudagraph_capture_size must be an integer >= 1, got {largest!r}")
     fits = min(largest, batched)

@@ -110,11 +110,14 @@ def test_capture_sizes_from_flags_or_cc_capped_by_tokens_full_graphs_by_seats():
     assert cc.cudagraph_capture_sizes == [*SIZES_512, 576, 640, 704, 768, 832, 896, 960, 1000]
     assert cc.full_capture_sizes == [1, 2, 4, *range(8, 257, 8)]
     assert resolve("--max-cudagraph-capture-size", "9000").cudagraph_capture_sizes == DEFAULT_SIZES  # 8192 tokens
-    sizes = resolve("--max-num-batched-tokens", "12000").cudagraph_capture_sizes  # the budget is the default
+    # the budget is the default, up to 8192; beyond it every 1024 when asked for
+    assert resolve("--max-num-batched-tokens", "4000").cudagraph_capture_sizes[-3:] == [3584, 3840, 4000]
+    assert resolve("--max-num-batched-tokens", "12000").cudagraph_capture_sizes == DEFAULT_SIZES
+    sizes = resolve("--max-num-batched-tokens", "12000", "--max-cudagraph-capture-size", "12000").cudagraph_capture_sizes
     assert sizes == [*DEFAULT_SIZES, 9216, 10240, 11264, 12000]
     # the budget as EngineConfig resolved it (without chunked prefill: at least max_model_len)
     args = engine_args_from(parse_serve_args(["--no-enable-chunked-prefill"]))
-    assert resolve_compilation_config(args, CUDA, 12000).cudagraph_capture_sizes == sizes
+    assert resolve_compilation_config(args, CUDA, 4000).cudagraph_capture_sizes[-1] == 4000
     cc = resolve("-O3", "--cudagraph-capture-sizes", "8")
     assert cc.cudagraph_capture_sizes == [8] and cc.cudagraph_mode == "FULL_AND_PIECEWISE"
 
