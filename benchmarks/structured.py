@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="engine: one more pair per fill-thread count, first, under cProfile (kept out of the ratios)")
     parser.add_argument("--repeats", type=_positive, default=3,
-                        help="engine: constrained runs per fill-thread count, each followed by its unconstrained twin")
+                        help="engine: constrained runs per fill-thread count, each paired with its unconstrained twin (the twin first in every second pair)")
     parser.add_argument("--fill-threads", nargs="+", default=["1"],
                         help="threads for one batch fill: integers (the engine's default: a quarter of the cores, 1 to 4), or auto for "
                              "xgrammar's (half the host's cores); engine mode runs the constrained batch once "
@@ -236,8 +236,9 @@ def engine_level(args) -> dict:
     # Constrained requests end where their grammar does (a random model's JSON object ends at its
     # eos), so the batch thins out; the same run unconstrained, each request stopping at the
     # length it had constrained, has the same shape: the ratio to it is the constraint's own cost.
-    # Each constrained run is followed by its unconstrained twin, --repeats times (the host's speed
-    # drifts within a process: a pair's ratio is the figure, their median the result).
+    # Each constrained run is paired with its unconstrained twin, --repeats times, the twin first in
+    # every second pair (the host's speed drifts within a process: a pair's ratio is the figure,
+    # their median the result).
     free = runs["unconstrained"]
     pair_ratios: dict[str, list[float]] = {}
     fixed_pairs: dict[str, list[float]] = {}  # against the one fixed-length unconstrained run above
@@ -255,7 +256,8 @@ def engine_level(args) -> dict:
     def pair(name: str, threads: str, profile: bool = False, lengths: list[int] | None = None) -> tuple[dict, dict]:
         """A constrained run and its unconstrained twin at the lengths it reaches. Given the
         lengths an earlier run reached (seeded requests reach them again), the twin runs first,
-        so that over the repeats the host's drift favours neither side."""
+        so that over the repeats the host's drift favours neither side; should the constrained
+        run end elsewhere after all, that twin is dropped and another runs after it."""
         twin = twin_of(lengths, profile) if lengths is not None else None
         fills.clear()
         waits.clear()
