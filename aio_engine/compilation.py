@@ -44,9 +44,9 @@ from .models.layers import set_compiler_fusion
 logger = logging.getLogger(__name__)
 
 
-def configure_caches(config: EngineConfig) -> Path:
+def configure_caches(config: EngineConfig) -> None:
     """Keep inductor's and Triton's compiled code on disk under the cache_dir (process-wide), so a
-    second start reuses it; returns inductor's folder. Inductor has no setting for its folder other
+    second start reuses it. Inductor has no setting for its folder other
     than the variable it reads itself, so it is set here, once, from the config. Inductor itself is
     imported (seconds) only when the model compiles: -O0 runs Triton kernels, not inductor.
 
@@ -57,13 +57,11 @@ def configure_caches(config: EngineConfig) -> Path:
     import triton
 
     root = Path(config.compilation.cache_dir).expanduser()
-    inductor = root / "inductor" / cache_key(config)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor" / cache_key(config))
     triton.knobs.cache.dir = str(root / "triton")
     if config.compilation.mode == "compile":
         torch._inductor.config.fx_graph_cache = True  # compiled graphs, keyed by graph and options
         torch._inductor.config.autotune_local_cache = True
-    return inductor
 
 
 def cache_key(config: EngineConfig) -> str:

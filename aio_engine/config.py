@@ -301,7 +301,7 @@ class EngineConfig:
 
         batched = args.max_num_batched_tokens
         if batched is None:
-            default = 8192 if device.type == "cuda" else 2048
+            default = default_token_budget(device)
             batched = default if args.enable_chunked_prefill else max(default, max_model_len)
         if batched < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {batched}")
@@ -409,7 +409,7 @@ def resolve_compilation_config(args: EngineArgs, device: torch.device, batched: 
         inductor = {"max_autotune": True, **inductor}
 
     if batched is None:  # the token budget as EngineConfig.build resolves it (given there)
-        batched = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        batched = args.max_num_batched_tokens or default_token_budget(device)
     largest = cc.get("max_cudagraph_capture_size", min(batched, DEFAULT_CAPTURE_CAP))
     if not isinstance(largest, int) or isinstance(largest, bool) or largest < 1:
         raise ValueError(f"max_cudagraph_capture_size must be an integer >= 1, got {largest!r}")
@@ -430,6 +430,11 @@ def resolve_compilation_config(args: EngineArgs, device: torch.device, batched: 
         full_capture_sizes=sizes[: seats + 1], mode=mode, max_cudagraph_capture_size=max(sizes, default=0),
         enable_fusion=fusion, inductor_compile_config=inductor, cache_dir=cache_dir, user_set=tuple(user_set),
     )
+
+
+def default_token_budget(device: torch.device) -> int:
+    """--max-num-batched-tokens unless given (with chunked prefill)."""
+    return 8192 if device.type == "cuda" else 2048
 
 
 def default_capture_sizes(largest: int) -> list[int]:

@@ -109,15 +109,11 @@ def accept_batch(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -
         raise ValueError(f"accept_batch: {len(grammars)} grammars but {len(token_ids)} tokens")
     tokens = [int(t) for t in token_ids]
     result = _xgr_core.BatchGrammarMatcher.batch_accept_token([g._handle for g in grammars], tokens, False)
-    if _array_contains(result, 0):
-        accepted = [bool(ok) for ok in result]
-        for grammar, token, ok in zip(grammars, tokens, accepted):
-            if ok:
-                grammar._accepted(token)
-        return accepted
-    for grammar, token in zip(grammars, tokens):
-        grammar._accepted(token)
-    return [True] * len(tokens)
+    accepted = [bool(ok) for ok in result] if _array_contains(result, 0) else [True] * len(tokens)
+    for grammar, token, ok in zip(grammars, tokens, accepted):
+        if ok:
+            grammar._accepted(token)
+    return accepted
 
 
 def fill_stop_row(bitmask: torch.Tensor, row: int, stop_token_ids: Sequence[int]) -> None:
