@@ -65,7 +65,8 @@ class ModelRunner:
         self.buf_sampled = StagingBuffer(self.max_num_seqs, torch.int64, dev)  # host side: ids coming home
         # The forward and sampling run on their own stream; an event says when the ids are home.
         self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-        self.sampler = Sampler()
+        # With CUDA graphs, a steady decode batch's sampling replays one too (see Sampler).
+        self.sampler = Sampler(cuda_graphs=dev.type == "cuda" and config.compilation.cudagraph_mode != "NONE")
         self.sampling_metadata = MetadataCache()  # a decode step reuses the last step's, new keys only
         self._fill_started: LaunchedStep | None = None  # the step whose bitmask start_fill() began
         self.logprobs_mode = mc.logprobs_mode

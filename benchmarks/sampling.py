@@ -7,7 +7,9 @@ the same replayed from a CUDA graph, which takes the host's launches out: the GP
 wherever the host is the slower side); "engine call" is what the engine runs each decode step:
 one more token in every row's list, the build through the engine's MetadataCache (a step that
 samples the rows of the step before uploads the new random keys and, for penalized rows, the one
-new token each), then the Sampler; "engine build, host" is the host time of that build (the
+new token each), then the Sampler with CUDA graphs, as the engine runs it with graphs on (-O1 and
+up: from the third step of a steady batch the sampling replays a graph); "engine call, eager" is
+the same with the eager Sampler (-O0); "engine build, host" is the host time of that build (the
 appends included), "build, host" the host time of a full SamplingMetadata.build with the same
 growing lists; "sampler, host" is the host time to enqueue the Sampler's work. Rows pass their
 token lists the way the runner does (SamplingRow.token_ids), with the Sampler's TokenHistories.
@@ -123,15 +125,18 @@ def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
         enqueue = host_us(lambda: sampler(logits, md), 30, device)
         # As the engine sees it: one more token in every row's list each step (copies of the
         # rows, so that the loops above keep their fixed lists), through the MetadataCache.
-        grown = grown_rows(rows)
-        engine_sampler, cache = Sampler(), MetadataCache()
+        engine_figures = []
+        for graphs in (True, False):
+            grown = grown_rows(rows)
+            engine_sampler, cache = Sampler(cuda_graphs=graphs and device.type == "cuda"), MetadataCache()
 
-        def engine_build():
-            for r in grown:
-                r.token_ids.append(7)
-            return cache.build(grown, vocab, device, histories=engine_sampler.histories)
+            def engine_build():
+                for r in grown:
+                    r.token_ids.append(7)
+                return cache.build(grown, vocab, device, histories=engine_sampler.histories)
 
-        engine = median_us(lambda: engine_sampler(logits, engine_build()), device, reps)
+            engine_figures.append(median_us(lambda: engine_sampler(logits, engine_build()), device, reps))
+        engine, engine_eager = engine_figures
         engine_host = host_us(engine_build, 50, device)
         grown, fresh = grown_rows(rows), Sampler()
 
@@ -143,7 +148,8 @@ def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
         host = host_us(build_grown, 50, device)
         results.append(dict(case=name, batch=batch, vocab=vocab, sampler_us=round(alone, 1),
                             sampler_graph_us=None if graphed is None else round(graphed, 1), full_us=round(full, 1),
-                            engine_us=round(engine, 1), engine_build_us=round(engine_host, 1),
+                            engine_us=round(engine, 1), engine_eager_us=round(engine_eager, 1),
+                            engine_build_us=round(engine_host, 1),
                             build_us=round(host, 1), sampler_host_us=round(enqueue, 1), goal_us=goal,
                             meets_goal=None if goal is None or device.type != "cuda" else engine < goal))
     return results
@@ -165,15 +171,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, batch {args.batch} x vocab {args.vocab}, float32 logits")
     results = run(args.batch, args.vocab, device, args.reps)
-    print("| case | sampler (us) | sampler, graph (us) | full call (us) | engine call (us) | engine build, host (us) "
-          "| build, host (us) | sampler, host (us) | goal (us) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | sampler (us) | sampler, graph (us) | full call (us) | engine call (us) | engine call, eager (us) "
+          "| engine build, host (us) | build, host (us) | sampler, host (us) | goal (us) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         verdict = {True: " (met)", False: " (MISSED)", None: ""}[r["meets_goal"]]  # the goals are for CUDA
         goal = "" if r["goal_us"] is None else f"< {r['goal_us']}{verdict}"
         graph = "n/a" if r["sampler_graph_us"] is None else r["sampler_graph_us"]
         print(f"| {r['case']} | {r['sampler_us']} | {graph} | {r['full_us']} | {r['engine_us']} "
-              f"| {r['engine_build_us']} | {r['build_us']} | {r['sampler_host_us']} | {goal} |")
+              f"| {r['engine_eager_us']} | {r['engine_build_us']} | {r['build_us']} | {r['sampler_host_us']} | {goal} |")
     if args.json:
         args.json.write_text(json.dumps(dict(device=name, results=results), indent=2))
 

@@ -108,8 +108,10 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device,
-              logprobs_mode: str = "raw_logprobs", histories: TokenHistories | None = None) -> SamplingMetadata:
-        """`histories` (the Sampler's) keeps penalized rows' token ids on the device across steps."""
+              logprobs_mode: str = "raw_logprobs", histories: TokenHistories | None = None,
+              arena: UploadArena | None = None) -> SamplingMetadata:
+        """`histories` (the Sampler's) keeps penalized rows' token ids on the device across steps;
+        `arena` (MetadataCache's) is where the tensors go (a buffer of their own by default)."""
         n, vocab = len(rows), vocab_size
         packed = b"".join([r.params.sampler_row for r in rows])
         table = np.frombuffer(packed, dtype=np.float32).reshape(n, len(SAMPLER_COLUMNS) + 1)
@@ -131,7 +133,7 @@ class SamplingMetadata:
         if used & LOGPROBS:
             wanted = col["logprobs"]
             md.num_logprobs = vocab if (wanted == -1).any() else int(wanted.max())
-        t = _send(up, torch.device(device))
+        t = (arena or UploadArena()).send(up, torch.device(device))
         for name in ("inv_temp", "keys", "plain_rows", "candidate_rows", "top_k", "top_p", "floor_offset", "banned"):
             setattr(md, name, t.get(name))
         if "bias_ids" in t:
@@ -185,32 +187,54 @@ def _stage_token_lists(up: dict, rows, flags: np.ndarray, used: int, vocab: int)
         up["allowed_rows"] = (flags & ALLOWED) > 0
 
 
-def _send(up: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """One step's host arrays to the device in one copy: packed by dtype into one host buffer
-    (pinned on CUDA, from torch's caching host allocator, which keeps a block until the copies
-    reading it are done, so the host may run steps ahead) and split into views on the device."""
-    if not up:
-        return {}
-    groups: dict[np.dtype, list[str]] = {}
-    for name, a in up.items():
-        groups.setdefault(a.dtype, []).append(name)
-    parts, size = [], 0
-    for names in groups.values():
-        flat = np.ascontiguousarray(np.concatenate([up[name].reshape(-1) for name in names]))
-        parts.append((size, flat, names))
-        size += -(-flat.nbytes // 8) * 8  # 8-byte aligned, so that every dtype can view its part
-    cuda = device.type == "cuda"
-    host = torch.empty(max(size, 8), dtype=torch.uint8, pin_memory=cuda)
-    buf = host.numpy()
-    for offset, flat, _ in parts:
-        buf[offset:offset + flat.nbytes] = flat.view(np.uint8)
-    dev = host.to(device, non_blocking=True) if cuda else host
-    out = {}
-    for offset, flat, names in parts:
-        views = dev[offset:offset + flat.nbytes].view(_TORCH[flat.dtype]).split([up[name].size for name in names])
-        for name, view in zip(names, views):
-            out[name] = view if up[name].ndim == 1 else view.view(up[name].shape)
-    return out
+class UploadArena:
+    """A device buffer that builds upload into, kept from one build to the next: arrays laid out
+    as the last build's (the same names, dtypes and shapes) land at the same device addresses, as
+    the same tensors, so a CUDA graph captured over them replays on the next step's (see
+    Sampler). One step's arrays are packed into one host buffer (pinned on CUDA, from torch's
+    caching host allocator, which keeps a block until the copies reading it are done, so the host
+    may run steps ahead) and reach the device in one non-blocking copy, on the current stream:
+    the build's readers, queued after it on that stream, see it; the ones queued before it (the
+    last step's sampler) have read the last build's."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None  # uint8 on the device
+        self.layout: tuple = ()
+        self.offsets: list[int] = []
+        self.size = 0
+        self.views: dict[str, torch.Tensor] = {}
+
+    def send(self, up: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+        """`up`'s arrays on the device, as views into the arena (valid until the next send)."""
+        if not up:
+            return {}
+        layout = tuple((name, a.dtype, a.shape) for name, a in up.items())
+        if layout != self.layout or self.buf is None or self.buf.device != device:
+            self._plan(layout, device)
+        if device.type == "cuda":
+            host = torch.empty(self.size, dtype=torch.uint8, pin_memory=True)
+            _pack(host.numpy(), self.offsets, up.values())
+            self.buf[: self.size].copy_(host, non_blocking=True)
+        else:
+            _pack(self.buf.numpy(), self.offsets, up.values())
+        return self.views
+
+    def _plan(self, layout: tuple, device: torch.device) -> None:
+        self.offsets, size = [], 0
+        for _, dtype, shape in layout:
+            self.offsets.append(size)
+            size += -(-int(np.prod(shape)) * dtype.itemsize // 8) * 8  # 8-byte aligned for every dtype's view
+        if self.buf is None or self.buf.device != device or self.buf.numel() < size:
+            self.buf = torch.empty(max(size, 2 * self.buf.numel() if self.buf is not None else 0, 64),
+                                   dtype=torch.uint8, device=device)
+        self.layout, self.size = layout, size
+        self.views = {name: self.buf[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(_TORCH[dtype]).view(shape)
+                      for (name, dtype, shape), offset in zip(layout, self.offsets)}
+
+
+def _pack(buf: np.ndarray, offsets: list[int], arrays) -> None:
+    for offset, a in zip(offsets, arrays):
+        buf[offset:offset + a.nbytes].view(a.dtype)[:] = a.reshape(-1)
 
 
 class MetadataCache:
@@ -223,9 +247,13 @@ class MetadataCache:
     SamplingParams objects and seeds in the same order; a step with banned ids, or whose
     penalized rows did not each grow by exactly one token, takes a full build; a step with
     banned ids is not kept.
+
+    Full builds upload into one UploadArena and reuses into another, so that steps laid out
+    alike see their metadata at the same device addresses (a sampler graph replays on them).
     """
 
     def __init__(self) -> None:
+        self.full, self.step = UploadArena(), UploadArena()
         self.md: SamplingMetadata | None = None
         self.params: list[SamplingParams] = []
         self.seeds: list[int] = []
@@ -250,12 +278,12 @@ class MetadataCache:
                 if not md.all_greedy:
                     steps = np.fromiter(map(_step, rows), dtype=np.uint64, count=len(rows))
                     up["keys"] = row_keys(self.seed_array, steps)
-                t = _send(up, torch.device(device))
+                t = self.step.send(up, torch.device(device))
                 md.keys = t.get("keys")
                 if last.penalties is not None:
                     md.penalties = histories.commit(t, width)
                 return md
-        md = SamplingMetadata.build(rows, vocab_size, device, logprobs_mode, histories)
+        md = SamplingMetadata.build(rows, vocab_size, device, logprobs_mode, histories, self.full)
         if md.banned is None:
             self.md, self.params, self.seeds, self.context = md, params, seeds, context
             self.seed_array = np.array(seeds, dtype=np.uint64)

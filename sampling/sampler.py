@@ -12,6 +12,7 @@ caller copies the ids out.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,10 +37,16 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self) -> None:
+    """The sampler of a runner. With `cuda_graphs`, a step without logprobs whose logits and
+    metadata sit where the step before's did (a decode batch replaying a FULL graph, its metadata
+    from a MetadataCache, which keeps addresses from step to step) replays a CUDA graph of the
+    sampling: one launch instead of a dozen kernels and their host time (see SamplerGraphs)."""
+
+    def __init__(self, cuda_graphs: bool = False, max_graphs: int = 16) -> None:
         # Penalized rows' token ids stay on the device between steps; pass this to
         # SamplingMetadata.build so that each step uploads only the new tokens.
         self.histories = TokenHistories()
+        self.graphs = SamplerGraphs(max_graphs) if cuda_graphs else None
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata,
                  constrain: Callable[[torch.Tensor], None] | None = None) -> SamplerOutput:
@@ -50,22 +57,108 @@ class Sampler:
             raw = _as_mode(logits, md.logprobs_mode)
         if constrain is not None:
             constrain(logits)
-        apply_logits_processors(logits, md)
-        apply_penalties(logits, md)
-        processed_mode = md.num_logprobs >= 0 and raw is None
-        processed = None
-        if md.all_greedy:
-            tokens = gumbel_argmax(logits, None, None, None)
-            if processed_mode:
-                processed = _as_mode(logits, md.logprobs_mode)
-        else:
-            tokens, cut, cut_id = _draw(logits, md, with_cut_id=processed_mode)
-            if processed_mode:
-                processed = _as_mode(_processed_logits(logits, md, cut, cut_id), md.logprobs_mode)
+        if md.num_logprobs < 0:
+            if self.graphs is not None and logits.is_cuda:
+                return SamplerOutput(self.graphs.run(logits, md))
+            return SamplerOutput(_draw_tokens(logits, md))
+        tokens, cut, cut_id = _process_and_draw(logits, md, with_cut_id=raw is None)
+        values = raw
+        if raw is None:  # processed: the distribution drawn from (greedy rows: the penalized logits)
+            values = _as_mode(logits if cut is None else _processed_logits(logits, md, cut, cut_id), md.logprobs_mode)
         out = SamplerOutput(tokens)
-        if md.num_logprobs >= 0:
-            _gather_logprobs(out, raw if raw is not None else processed, md.num_logprobs)
+        _gather_logprobs(out, values, md.num_logprobs)
         return out
+
+
+def _process_and_draw(logits: torch.Tensor, md: SamplingMetadata, with_cut_id: bool = False):
+    """Logits processors and penalties in place, then the draw: (tokens, cut, cut_id) as _draw
+    gives them (None, None for an all-greedy batch)."""
+    apply_logits_processors(logits, md)
+    apply_penalties(logits, md)
+    if md.all_greedy:
+        return gumbel_argmax(logits, None, None, None), None, None
+    return _draw(logits, md, with_cut_id)
+
+
+def _draw_tokens(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """A step without logprobs, from the masked logits to the token ids: what a graph holds."""
+    return _process_and_draw(logits, md)[0]
+
+
+class SamplerGraphs:
+    """CUDA graphs of _draw_tokens, each for one layout of a step: the addresses, shapes and
+    strides of the logits and of every metadata tensor, and the metadata's host numbers (the
+    penalty width by bucket). A graph reads its inputs where they were at capture, so a step whose
+    tensors all sit at those addresses replays it with whatever they hold now. A layout is
+    captured the second step in a row it comes (a steady decode batch), after an eager run has
+    compiled the kernels; at most `max_graphs` are kept (the least recently used goes), in one
+    memory pool. The graph's token ids are copied out at each replay, so no step's result is
+    overwritten by a later replay."""
+
+    def __init__(self, max_graphs: int) -> None:
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()  # -> its token ids
+        self.last_key: tuple | None = None
+        self.pool = None
+        self.captures = self.replays = 0
+
+    def run(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """_draw_tokens(logits, md), replayed from a graph where one fits."""
+        key = _layout(logits, md)
+        last, self.last_key = self.last_key, key
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key != last:
+                return _draw_tokens(logits, md)
+            entry = self._capture(logits, md, key)
+        else:
+            self.graphs.move_to_end(key)
+        graph, tokens = entry
+        graph.replay()
+        self.replays += 1
+        return tokens.clone()
+
+    def _capture(self, logits: torch.Tensor, md: SamplingMetadata, key: tuple):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
+        # Capture needs a stream of its own making; the default stream's work is ordered before.
+        side = stream if stream != torch.cuda.default_stream(stream.device) else torch.cuda.Stream(stream.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                tokens = _draw_tokens(logits, md)
+            finally:
+                graph.capture_end()
+        stream.wait_stream(side)
+        self.graphs[key] = entry = (graph, tokens)
+        self.captures += 1
+        return entry
+
+
+def _tensor_key(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), t.shape, t.stride())
+
+
+def _layout(logits: torch.Tensor, md: SamplingMetadata) -> tuple:
+    """Everything _draw_tokens reads from the host: the tensors' places, the metadata's numbers."""
+    p = md.penalties
+    tensors = (logits, md.inv_temp, md.keys, md.plain_rows, md.candidate_rows, md.top_k, md.top_p, md.floor_offset,
+               md.banned, *(md.bias or (None, None)), *(md.allowed or (None, None)),
+               *((p.ids, p.ranges, p.factors) if p is not None else (None, None, None)))
+    numbers = (md.all_greedy, md.num_plain, md.num_candidates, md.candidate_k, md.top_p_alone,
+               None if p is None else _width_bucket(p.width))
+    return numbers + tuple(map(_tensor_key, tensors))
+
+
+def _width_bucket(width: int) -> int:
+    """The penalty kernel's scratch width: a power of two (at least 256), so that histories
+    growing by a token a step keep one layout for long."""
+    return max(256, 1 << (width - 1).bit_length())
 
 
 def _draw(logits: torch.Tensor, md: SamplingMetadata, with_cut_id: bool):
@@ -120,7 +213,8 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
     """Repetition (prompt and output tokens, HF's formula), then OpenAI frequency and presence."""
     p = md.penalties
     if p is not None:
-        _apply_penalties(logits, p.ids, p.ranges, p.factors, p.width)
+        # On CUDA the kernel's scratch is as wide as the width's bucket: one layout for a sampler graph.
+        _apply_penalties(logits, p.ids, p.ranges, p.factors, _width_bucket(p.width) if logits.is_cuda else p.width)
 
 
 def _processed_logits(logits: torch.Tensor, md: SamplingMetadata, cut: torch.Tensor,

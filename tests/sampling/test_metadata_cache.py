@@ -124,3 +124,41 @@ def test_penalized_rows_that_did_not_grow_by_one_token_take_a_full_build(device)
         tokens.append(1)
         cache.build([SamplingRow(params, 5, step, token_ids=tokens, num_prompt_tokens=1)], VOCAB, device)
     assert cache.hits == 1
+
+
+def addresses(md: SamplingMetadata) -> dict[str, int]:
+    tensors = dict(vars(md), **({} if md.penalties is None else {"ranges": md.penalties.ranges,
+                                                                 "factors": md.penalties.factors}))
+    return {name: t.data_ptr() for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+def test_steps_laid_out_alike_see_their_metadata_at_the_same_addresses(device):
+    """What a sampler graph replays on: the cache's builds upload into buffers of its own, so a
+    step laid out as the one before finds every tensor where that one's was, with this step's values."""
+    params = [SamplingParams(temperature=0.9, top_k=20, presence_penalty=0.5), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_p=0.8, min_p=0.1)]
+    lists = [list(range(5 * i, 5 * i + 6)) for i in range(3)]
+    cache, sampler = MetadataCache(), Sampler()
+
+    def build(step, seeds=(1, 2, 3)):
+        for t in lists:
+            t.append(step)
+        rows = [SamplingRow(p, s, step, token_ids=t, num_prompt_tokens=2) for p, s, t in zip(params, seeds, lists)]
+        return cache.build(rows, VOCAB, device, histories=sampler.histories)
+
+    full = build(0)
+    first_full = addresses(full)
+    hits = [build(step) for step in (1, 2, 3)]
+    assert cache.hits == 3
+    seen = [addresses(md) for md in hits]
+    assert seen[0] == seen[1] == seen[2]
+    assert {k: v for k, v in seen[0].items() if k not in ("keys", "ranges", "factors")} == \
+        {k: v for k, v in first_full.items() if k not in ("keys", "ranges", "factors")}
+    # The same places, this step's values: the keys and the histories' ends move on.
+    assert hits[2].keys.cpu().tolist() == [row_key(s, 3) for s in (1, 2, 3)]
+    assert hits[2].penalties.ranges[4].cpu().tolist() == [len(lists[0])]
+    # Other seeds each step: full builds, each uploading a token a row, laid out alike.
+    again, later = build(4, seeds=(4, 5, 6)), build(5, seeds=(7, 8, 9))
+    assert cache.hits == 3 and addresses(again) == addresses(later)
+    assert later.keys.cpu().tolist() == [row_key(s, 5) for s in (7, 8, 9)]
+    assert again.keys.data_ptr() not in seen[0].values()  # full builds and reuses: buffers of their own

@@ -1,0 +1,107 @@
+"""The sampler's CUDA graphs (Sampler(cuda_graphs=True)): a steady batch replays a graph of its
+sampling and draws, step by step, the tokens the eager sampler draws, through a batch that
+changes, penalty histories that outgrow their width bucket, and the engine's MetadataCache; a
+replay never syncs with the host and never overwrites an earlier step's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sampling.metadata import MetadataCache, SamplingRow
+from sampling.params import SamplingParams
+from sampling.sampler import Sampler
+from tests.sampling.reference import random_logits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+VOCAB = 151936
+PROMPT = 250  # the repetition penalty reads the prompt: widths cross the 256 bucket at step 7
+PARAMS = [
+    SamplingParams(temperature=0.8, top_k=50, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
+                   repetition_penalty=1.1),
+    SamplingParams(temperature=1.0, min_p=0.05, presence_penalty=1.0),
+    SamplingParams(temperature=0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.7, top_p=0.95),
+    SamplingParams(temperature=0.9, logit_bias={11: 5.0, 12: -100.0}),
+]
+
+
+class Pipeline:
+    """A runner's sampling: its Sampler, MetadataCache and requests' token lists."""
+
+    def __init__(self, graphs: bool, batch: int) -> None:
+        self.sampler, self.cache = Sampler(cuda_graphs=graphs), MetadataCache()
+        gen = torch.Generator().manual_seed(9)
+        self.lists = [torch.randint(0, VOCAB, (PROMPT,), generator=gen).tolist() for _ in range(batch)]
+        self.live = list(range(batch))
+        self.logits = torch.empty(batch, VOCAB, device="cuda")  # a FULL graph's logits: one place
+
+    def sample(self, step: int, logits: torch.Tensor) -> torch.Tensor:
+        """The step's metadata through the cache, then the Sampler on the logits in their place."""
+        rows = [SamplingRow(PARAMS[i % len(PARAMS)], 100 + i, step, token_ids=self.lists[i], num_prompt_tokens=PROMPT)
+                for i in self.live]
+        md = self.cache.build(rows, VOCAB, torch.device("cuda"), histories=self.sampler.histories)
+        x = self.logits[: len(rows)]
+        x.copy_(logits)
+        return self.sampler(x, md).token_ids
+
+    def step(self, step: int, logits: torch.Tensor) -> torch.Tensor:
+        tokens = self.sample(step, logits)
+        for i, t in zip(self.live, tokens.tolist()):
+            self.lists[i].append(t)
+        return tokens
+
+
+def test_graphed_sampling_draws_what_the_eager_sampler_draws_step_by_step():
+    batch, steps = 40, 16
+    eager, graphed = Pipeline(False, batch), Pipeline(True, batch)
+    held = []
+    for step in range(steps):
+        if step == 10:  # two requests finish: another layout, eager once, then captured again
+            for p in (eager, graphed):
+                p.live = [i for i in p.live if i not in (5, 17)]
+        logits = random_logits(len(eager.live), VOCAB, seed=200 + step).cuda()
+        want, got = eager.step(step, logits), graphed.step(step, logits)
+        assert torch.equal(got, want), step
+        held.append((got, got.cpu()))
+    graphs = graphed.sampler.graphs
+    # Steps 0 and 10 are full builds, 1, 7 (the width bucket crossed 256) and 11 first reuses:
+    # eager; captured at 2, 8 and 12, replayed from there on.
+    assert graphs.captures == 3 and graphs.replays == steps - 5
+    assert eager.sampler.graphs is None and eager.cache.hits == graphed.cache.hits == steps - 2
+    for tokens, at_the_time in held:  # each step's tensor still holds its own step's tokens
+        assert torch.equal(tokens.cpu(), at_the_time)
+    assert all(12 not in t[PROMPT:] for i, t in enumerate(graphed.lists) if i % len(PARAMS) == 4)
+
+
+def test_a_replay_never_syncs_with_the_host():
+    pipeline = Pipeline(True, 64)
+    for step in range(4):  # eager (a full build, a first reuse), captured, replayed
+        pipeline.step(step, random_logits(64, VOCAB, seed=step).cuda())
+    assert pipeline.sampler.graphs.replays == 2
+    for t in pipeline.lists:
+        t.append(1)
+    logits = random_logits(64, VOCAB, seed=4).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pipeline.sample(4, logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert pipeline.sampler.graphs.replays == 3
+
+
+def test_the_least_recently_used_graph_goes_past_the_limit():
+    sampler, cache = Sampler(cuda_graphs=True, max_graphs=2), MetadataCache()
+    params = SamplingParams(temperature=0.8, top_k=20)
+    logits = torch.empty(8, VOCAB, device="cuda")
+    for n in (2, 3, 4):  # three layouts, each steady for four steps
+        for step in range(4):
+            rows = [SamplingRow(params, i, step) for i in range(n)]
+            x = logits[:n]
+            x.copy_(random_logits(n, VOCAB, seed=step).cuda())
+            sampler(x, cache.build(rows, VOCAB, torch.device("cuda")))
+    graphs = sampler.graphs
+    assert graphs.captures == 3 and graphs.replays == 6 and len(graphs.graphs) == 2
+    assert [key[6][1][0] for key in graphs.graphs] == [3, 4]  # the logits' rows: n = 2 went
