@@ -199,6 +199,7 @@ class UploadArena:
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None  # uint8 on the device
+        self.device: torch.device | None = None  # as the builds name it ("cuda" and "cuda:0" differ)
         self.layout: tuple = ()
         self.offsets: list[int] = []
         self.size = 0
@@ -209,7 +210,7 @@ class UploadArena:
         if not up:
             return {}
         layout = tuple((name, a.dtype, a.shape) for name, a in up.items())
-        if layout != self.layout or self.buf is None or self.buf.device != device:
+        if layout != self.layout or device != self.device:
             self._plan(layout, device)
         if device.type == "cuda":
             host = torch.empty(self.size, dtype=torch.uint8, pin_memory=True)
@@ -224,10 +225,10 @@ class UploadArena:
         for _, dtype, shape in layout:
             self.offsets.append(size)
             size += -(-int(np.prod(shape)) * dtype.itemsize // 8) * 8  # 8-byte aligned for every dtype's view
-        if self.buf is None or self.buf.device != device or self.buf.numel() < size:
-            self.buf = torch.empty(max(size, 2 * self.buf.numel() if self.buf is not None else 0, 64),
-                                   dtype=torch.uint8, device=device)
-        self.layout, self.size = layout, size
+        if device != self.device or self.buf.numel() < size:
+            grown = 2 * self.buf.numel() if device == self.device else 0
+            self.buf = torch.empty(max(size, grown, 64), dtype=torch.uint8, device=device)
+        self.layout, self.size, self.device = layout, size, device
         self.views = {name: self.buf[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(_TORCH[dtype]).view(shape)
                       for (name, dtype, shape), offset in zip(layout, self.offsets)}
 

@@ -48,6 +48,7 @@ from tests.sampling.test_metadata_cache import (  # noqa: F401
     test_penalized_rows_that_did_not_grow_by_one_token_take_a_full_build,
     test_penalized_rows_that_grew_by_one_token_reuse_the_metadata_and_draw_what_a_fresh_build_draws,
     test_same_rows_reuse_the_metadata_and_draw_what_a_fresh_build_draws,
+    test_steps_laid_out_alike_see_their_metadata_at_the_same_addresses,
 )
 from tests.sampling.test_sampler import (  # noqa: F401
     random_others,
