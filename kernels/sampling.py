@@ -221,8 +221,8 @@ def gumbel_argmax(
 # and the block is fixed: a new value never compiles a new kernel on the engine loop (a block of
 # next_power_of_2(width) compiled once per power of two as histories grew, ~50 ms each, measured).
 @triton.jit(do_not_specialize=["num", "width", "ids_stride"])
-def _penalty_kernel(logits_ptr, stride, ids_ptr, ids_stride, ranges_ptr, factors_ptr, saved_ptr, num, width,
-                    BLOCK: tl.constexpr):
+def _penalty_kernel(logits_ptr, stride, ids_ptr, ids_stride, ranges_ptr, factors_ptr, new_ptr, saved_ptr, num, width,
+                    HAS_NEW: tl.constexpr, BLOCK: tl.constexpr):
     # One program per penalized row (rows never share a logits row), in three passes over its
     # range, each seeing every write of the one before (a block barrier between them):
     # 1: swap each of the row's logits for -2**24; the one entry per logit that gets the real value
@@ -234,6 +234,9 @@ def _penalty_kernel(logits_ptr, stride, ids_ptr, ids_stride, ranges_ptr, factors
     split = tl.load(ranges_ptr + 3 * num + i)
     end = tl.load(ranges_ptr + 4 * num + i)
     history = ids_ptr + tl.load(ranges_ptr + num + i).to(tl.int64) * ids_stride
+    if HAS_NEW:  # the token the row's request appended since the last build: the history's last
+        tl.store(history + end - 1, tl.load(new_ptr + i))
+        tl.debug_barrier()
     row = logits_ptr + tl.load(ranges_ptr + i).to(tl.int64) * stride
     saved = saved_ptr + i.to(tl.int64) * width - begin  # saved[pos] for pos in [begin, end)
     for start in range(begin, end, BLOCK):
@@ -262,9 +265,11 @@ def _penalty_kernel(logits_ptr, stride, ids_ptr, ids_stride, ranges_ptr, factors
         tl.store(at, x, mask=writer)
 
 
-def apply_penalties_reference(logits, ids, ranges, factors, width):
+def apply_penalties_reference(logits, ids, ranges, factors, width, new_ids=None):
     vocab = logits.shape[1]
     rows, slots, begin, split, end = ranges.long()
+    if new_ids is not None:
+        ids[slots, end - 1] = new_ids.to(ids.dtype)
     repetition, frequency, presence = factors[:, :, None]
     pos = begin[:, None] + torch.arange(max(width, 1), device=logits.device)  # [P, width]
     inside = pos < end[:, None]
@@ -282,13 +287,13 @@ def apply_penalties_reference(logits, ids, ranges, factors, width):
     logits.index_copy_(0, rows, x)
 
 
-def apply_penalties_triton(logits, ids, ranges, factors, width, block: int = 512):
+def apply_penalties_triton(logits, ids, ranges, factors, width, new_ids=None, block: int = 512):
     num = ranges.shape[1]
     if num == 0 or width == 0:
         return
     saved = torch.empty(num, width, dtype=torch.float32, device=logits.device)
-    _penalty_kernel[(num,)](logits, logits.stride(0), ids, ids.stride(0), ranges, factors, saved, num, width,
-                            BLOCK=block, num_warps=4)
+    _penalty_kernel[(num,)](logits, logits.stride(0), ids, ids.stride(0), ranges, factors, new_ids, saved, num, width,
+                            HAS_NEW=new_ids is not None, BLOCK=block, num_warps=4)
 
 
 def apply_penalties(
@@ -298,9 +303,10 @@ def apply_penalties(
     # tokens are ids[slot, begin:end], those before split prompt tokens (repetition only)
     factors: torch.Tensor,  # [3, P] float32: repetition (1: off), frequency, presence
     width: int,  # the longest end - begin
+    new_ids: torch.Tensor | None = None,  # [P] int32: written at ids[slot, end - 1] first (the step's new token)
 ) -> None:
     """HF's repetition penalty over every token in the range (positive logits divided, negative
     multiplied), then OpenAI's logit -= frequency * count + presence * (count > 0) over the output
     tokens, each distinct token once. (A logit of exactly -2**24 is not supported on CUDA.)"""
     fn = apply_penalties_triton if logits.is_cuda else apply_penalties_reference
-    fn(logits, ids, ranges, factors, width)
+    fn(logits, ids, ranges, factors, width, new_ids)

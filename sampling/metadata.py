@@ -38,6 +38,7 @@ TOP_P_WINDOW = 256  # candidates of a top-p row without top-k; wider nuclei take
 MAX_WINDOW_TOP_K = 1024  # a larger top-k takes the exact search instead of widening everyone's window
 _banned_ids = attrgetter("banned_ids")
 _params, _seed, _step = attrgetter("params"), attrgetter("seed"), attrgetter("step")
+_token_ids = attrgetter("token_ids")
 _TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
           np.dtype(np.bool_): torch.bool}
 
@@ -48,13 +49,31 @@ def row_key(seed: int, step: int) -> int:
 
 
 def row_keys(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """row_key over arrays (uint64 arithmetic wraps modulo 2**64, as splitmix64 wants)."""
-    u = np.uint64
-    with np.errstate(over="ignore"):
-        z = seeds * u(0x9E3779B97F4A7C15) + steps * u(0xBF58476D1CE4E5B9) + u(0x94D049BB133111EB)
-        z = (z ^ (z >> u(30))) * u(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> u(27))) * u(0x94D049BB133111EB)
-    return ((z ^ (z >> u(31))) & u(_MASK63)).astype(np.int64)
+    """row_key over uint64 arrays."""
+    return keys_of(seed_terms(seeds), steps)
+
+
+_U = np.uint64
+_SEED, _STEP, _MIX = _U(0x9E3779B97F4A7C15), _U(0xBF58476D1CE4E5B9), _U(0x94D049BB133111EB)
+
+
+def seed_terms(seeds: np.ndarray) -> np.ndarray:
+    """The seeds' part of their keys, computed once for a batch that steps on (keys_of)."""
+    return seeds * _SEED + _MIX
+
+
+def keys_of(terms: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """splitmix64 of each (seed, step), from seed_terms: uint64 arithmetic wraps modulo 2**64, as
+    splitmix64 wants; in place on one array (this runs for every row every step)."""
+    z = steps * _STEP
+    z += terms
+    z ^= z >> _U(30)
+    z *= _STEP
+    z ^= z >> _U(27)
+    z *= _MIX
+    z ^= z >> _U(31)
+    z &= _U(_MASK63)
+    return z.view(np.int64)
 
 
 @dataclass
@@ -81,6 +100,7 @@ class Penalties:
     ranges: torch.Tensor  # [5, P] int32: logits row, slot, begin, split, end
     factors: torch.Tensor  # [3, P] float32: repetition, frequency, presence
     width: int  # the longest end - begin
+    new_ids: torch.Tensor | None = None  # [P] int32: each row's newest token, for the kernel to write at end - 1
 
 
 @dataclass
@@ -258,7 +278,7 @@ class MetadataCache:
         self.md: SamplingMetadata | None = None
         self.params: list[SamplingParams] = []
         self.seeds: list[int] = []
-        self.seed_array = np.zeros(0, dtype=np.uint64)
+        self.seed_terms = np.zeros(0, dtype=np.uint64)  # seed_terms of the kept rows' seeds
         self.context: tuple = ()
         self.histories: TokenHistories | None = None
         self.hits = 0
@@ -268,8 +288,9 @@ class MetadataCache:
         params, seeds = list(map(_params, rows)), list(map(_seed, rows))
         context = (vocab_size, str(device), logprobs_mode)
         last = self.md
-        if (last is not None and context == self.context and len(params) == len(self.params)
-                and all(map(is_, params, self.params)) and seeds == self.seeds and not any(map(_banned_ids, rows))):
+        # (Equal params draw alike: the list compare takes the same objects as equal at once.)
+        if (last is not None and context == self.context and params == self.params and seeds == self.seeds
+                and not any(map(_banned_ids, rows))):
             up: dict[str, np.ndarray] = {}
             width = 0
             if last.penalties is None or (histories is not None and histories is self.histories
@@ -278,7 +299,7 @@ class MetadataCache:
                 md = copy(last)
                 if not md.all_greedy:
                     steps = np.fromiter(map(_step, rows), dtype=np.uint64, count=len(rows))
-                    up["keys"] = row_keys(self.seed_array, steps)
+                    up["keys"] = keys_of(self.seed_terms, steps)
                 t = self.step.send(up, torch.device(device))
                 md.keys = t.get("keys")
                 if last.penalties is not None:
@@ -287,7 +308,7 @@ class MetadataCache:
         md = SamplingMetadata.build(rows, vocab_size, device, logprobs_mode, histories, self.full)
         if md.banned is None:
             self.md, self.params, self.seeds, self.context = md, params, seeds, context
-            self.seed_array = np.array(seeds, dtype=np.uint64)
+            self.seed_terms = seed_terms(np.array(seeds, dtype=np.uint64))
             self.histories = histories
         else:
             self.md = None
@@ -299,10 +320,12 @@ class _LastBuild:
     """TokenHistories' last build, as advance() repeats it."""
 
     build: int
-    list_ids: list[int]  # id() of each penalized row's token list
+    lists: list  # each penalized row's token list
     slots: np.ndarray  # int64 (ranges[1], widened for slot * capacity)
     ranges: np.ndarray  # [5, P] int32, as uploaded: logits row, slot, begin, split, end
     factors: np.ndarray  # [3, P] float32
+    longest: int  # the largest end
+    width: int  # the largest end - begin
 
 
 class TokenHistories:
@@ -386,8 +409,9 @@ class TokenHistories:
         begin = np.where(factors[0] != 1, 0, num_prompt)
         ranges = np.stack([penalized, slots, begin, num_prompt, ends]).astype(np.int32)
         up["penalty_ranges"], up["penalty_factors"] = ranges, factors
-        self.last = _LastBuild(self.builds, list(map(id, lists)), slots, ranges, factors)
-        return int((ends - begin).max())
+        width = int((ends - begin).max())
+        self.last = _LastBuild(self.builds, lists, slots, ranges, factors, int(ends.max()), width)
+        return width
 
     def advance(self, up: dict, rows) -> int | None:
         """The last build again, each penalized row's list one token longer (a decode step that
@@ -398,22 +422,23 @@ class TokenHistories:
             return None
         ranges = last.ranges
         picked = rows if ranges.shape[1] == len(rows) else [rows[i] for i in ranges[0].tolist()]
-        lists = [r.token_ids for r in picked]
-        if list(map(id, lists)) != last.list_ids:
+        lists = list(map(_token_ids, picked))
+        if not all(map(is_, lists, last.lists)) or last.longest >= self.ids.shape[1]:
             return None
-        old = ranges[4].astype(np.int64)
-        ends = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        if not np.array_equal(ends, old + 1) or ends.max() > self.ids.shape[1]:
+        ends = np.fromiter(map(len, lists), dtype=np.int32, count=len(lists))
+        if not (ends == ranges[4] + 1).all():
             return None
         self.builds += 1
         last.build = self.builds
         self.size[last.slots] = ends
         self.stamp[last.slots] = self.builds
-        ranges[4] = ends  # (the last upload copied it into its own buffer)
-        up["history_at"] = last.slots * self.ids.shape[1] + old
-        up["history_ids"] = np.fromiter(map(itemgetter(-1), lists), dtype=np.int32, count=len(lists))
+        ranges[4] = ends  # (the last upload copied it into a buffer of its own)
+        last.longest += 1
+        last.width += 1
+        # The kernel writes each row's new token into the history on the device (Penalties.new_ids).
+        up["penalty_new"] = np.fromiter(map(itemgetter(-1), lists), dtype=np.int32, count=len(lists))
         up["penalty_ranges"], up["penalty_factors"] = ranges, last.factors
-        return int((ends - ranges[2]).max())
+        return last.width
 
     def _reserve(self, num_slots: int, longest: int, device: torch.device) -> None:
         ids = self.ids
@@ -426,7 +451,7 @@ class TokenHistories:
             self.ids[:ids.shape[0], :ids.shape[1]] = ids
 
     def commit(self, t: dict[str, torch.Tensor], width: int) -> Penalties:
-        """After the upload: write the new tokens, and describe the ranges."""
+        """After the upload: write a full build's new tokens, and describe the ranges."""
         if "history_at" in t:
             self.ids.view(-1).index_copy_(0, t["history_at"], t["history_ids"])
-        return Penalties(self.ids, t["penalty_ranges"], t["penalty_factors"], width)
+        return Penalties(self.ids, t["penalty_ranges"], t["penalty_factors"], width, t.get("penalty_new"))

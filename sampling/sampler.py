@@ -149,7 +149,7 @@ def _layout(logits: torch.Tensor, md: SamplingMetadata) -> tuple:
     p = md.penalties
     tensors = (logits, md.inv_temp, md.keys, md.plain_rows, md.candidate_rows, md.top_k, md.top_p, md.floor_offset,
                md.banned, *(md.bias or (None, None)), *(md.allowed or (None, None)),
-               *((p.ids, p.ranges, p.factors) if p is not None else (None, None, None)))
+               *((p.ids, p.ranges, p.factors, p.new_ids) if p is not None else (None,) * 4))
     numbers = (md.all_greedy, md.num_plain, md.num_candidates, md.candidate_k, md.top_p_alone,
                None if p is None else _width_bucket(p.width))
     return numbers + tuple(map(_tensor_key, tensors))
@@ -214,7 +214,8 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> None:
     p = md.penalties
     if p is not None:
         # On CUDA the kernel's scratch is as wide as the width's bucket: one layout for a sampler graph.
-        _apply_penalties(logits, p.ids, p.ranges, p.factors, _width_bucket(p.width) if logits.is_cuda else p.width)
+        _apply_penalties(logits, p.ids, p.ranges, p.factors, _width_bucket(p.width) if logits.is_cuda else p.width,
+                         p.new_ids)
 
 
 def _processed_logits(logits: torch.Tensor, md: SamplingMetadata, cut: torch.Tensor,

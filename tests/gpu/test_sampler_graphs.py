@@ -16,7 +16,7 @@ from tests.sampling.reference import random_logits
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 VOCAB = 151936
-PROMPT = 250  # the repetition penalty reads the prompt: widths cross the 256 bucket at step 7
+PROMPT = 250  # the repetition penalty reads the prompt: histories pass 256 tokens at step 7
 PARAMS = [
     SamplingParams(temperature=0.8, top_k=50, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
                    repetition_penalty=1.1),
@@ -66,10 +66,10 @@ def test_graphed_sampling_draws_what_the_eager_sampler_draws_step_by_step():
         assert torch.equal(got, want), step
         held.append((got, got.cpu()))
     graphs = graphed.sampler.graphs
-    # Steps 0 and 10 are full builds, 1, 7 (the width bucket crossed 256) and 11 first reuses:
-    # eager; captured at 2, 8 and 12, replayed from there on.
-    assert graphs.captures == 3 and graphs.replays == steps - 5
-    assert eager.sampler.graphs is None and eager.cache.hits == graphed.cache.hits == steps - 2
+    # Full builds at steps 0, 7 (the histories outgrow their 256-token device buffer, the width its
+    # bucket) and 10, first reuses at 1, 8 and 11: eager; captured at 2, 9 and 12, replayed on.
+    assert graphs.captures == 3 and graphs.replays == steps - 6
+    assert eager.sampler.graphs is None and eager.cache.hits == graphed.cache.hits == steps - 3
     for tokens, at_the_time in held:  # each step's tensor still holds its own step's tokens
         assert torch.equal(tokens.cpu(), at_the_time)
     assert all(12 not in t[PROMPT:] for i, t in enumerate(graphed.lists) if i % len(PARAMS) == 4)
@@ -80,8 +80,6 @@ def test_a_replay_never_syncs_with_the_host():
     for step in range(4):  # eager (a full build, a first reuse), captured, replayed
         pipeline.step(step, random_logits(64, VOCAB, seed=step).cuda())
     assert pipeline.sampler.graphs.replays == 2
-    for t in pipeline.lists:
-        t.append(1)
     logits = random_logits(64, VOCAB, seed=4).cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
