@@ -4,18 +4,22 @@ issue's goals (greedy under 150 us, top-k + top-p + penalties under 400 us on th
 Per case: "sampler" is the Sampler alone on metadata built once (GPU time); "sampler, graph" is
 the same replayed from a CUDA graph, which takes the host's launches out: the GPU's own time;
 "full call" is SamplingMetadata.build then the Sampler (GPU time, which includes the host's share
-wherever the host is the slower side); "engine call" is what the engine runs each decode step:
-one more token in every row's list, the build through the engine's MetadataCache (a step that
-samples the rows of the step before uploads the new random keys and, for penalized rows, the one
-new token each), then the Sampler with CUDA graphs, as the engine runs it with graphs on (-O1 and
-up: from the third step of a steady batch the sampling replays a graph); "engine call, eager" is
-the same with the eager Sampler (-O0); "engine build, host" is the host time of that build (the
-appends included), "build, host" the host time of a full SamplingMetadata.build with the same
-growing lists; "sampler, host" is the host time to enqueue the Sampler's work. Rows pass their
-token lists the way the runner does (SamplingRow.token_ids), with the Sampler's TokenHistories.
+wherever the host is the slower side). "Engine call" is what the engine runs each decode step, per
+step of 64 steps in a row (CUDA events around them, after 4 that settle the caches; median of 5
+runs): a new token at the end of every row's list, the metadata through the engine's
+MetadataCache (a step that samples the rows of the step before uploads the new random keys and,
+for penalized rows, the one new token each), then the Sampler with its CUDA graphs, as the
+engine runs it with graphs on (-O1 and up: from the third step of a steady batch the sampling
+replays a graph); the step's time is the GPU's where the GPU is the slower side, the host's where
+the host is. "Engine call, eager" is the same with the eager Sampler (-O0). "Engine build, host"
+is the host time of that build (the appends included), "build, host" the host time of a full
+SamplingMetadata.build with the same growing lists; "sampler, host" is the host time to enqueue
+the Sampler's work. Rows pass their token lists the way the runner does
+(SamplingRow.token_ids), with the Sampler's TokenHistories; the appended tokens are random, so
+the histories stay as varied as text's.
 
-GPU times are medians of triton.testing.do_bench (CUDA events). The sampler works on the logits
-in place, as in the engine, so nothing is copied per call.
+The other GPU times are medians of triton.testing.do_bench (CUDA events). The sampler works on
+the logits in place, as in the engine, so nothing is copied per call.
 
   python benchmarks/sampling.py --json out.json
   python benchmarks/sampling.py --device cpu --batch 4 --vocab 2000   # smoke test on a CPU
@@ -107,6 +111,56 @@ def host_us(fn, calls: int, device: torch.device) -> float:
     return statistics.median(times) * 1e6
 
 
+def decode_steps(rows: list[SamplingRow], vocab: int, device: torch.device, sampler: Sampler, logits=None,
+                 build_only: bool = False, cache: bool = True):
+    """A function that runs one decode step's sampling as the engine does, on copies of the rows:
+    a new token at the end of every row's list (random ones: the histories stay as varied as
+    text's), the metadata through a MetadataCache (or a full build), then the Sampler."""
+    grown = grown_rows(rows)
+    gen = torch.Generator().manual_seed(1)
+    new_tokens = torch.randint(0, vocab, (64, len(rows)), generator=gen).tolist()
+    metadata = MetadataCache().build if cache else SamplingMetadata.build
+    step = 0
+
+    def run():
+        nonlocal step
+        for r, t in zip(grown, new_tokens[step % len(new_tokens)]):
+            r.token_ids.append(t)
+            r.step += 1
+        step += 1
+        md = metadata(grown, vocab, device, histories=sampler.histories)
+        return md if build_only else sampler(logits, md)
+
+    return run
+
+
+def steps_us(rows: list[SamplingRow], vocab: int, device: torch.device, graphs: bool, logits=None,
+             num_steps: int = 64, repeats: int = 5) -> float:
+    """Per decode step, the time of `num_steps` steps in a row (decode_steps, from the case's
+    lengths on, after 4 steps that capture the sampler's graph): GPU time where the GPU is the
+    slower side, the host's where it is. Median of `repeats` runs, each with a fresh sampler."""
+    times = []
+    for _ in range(repeats):
+        step = decode_steps(rows, vocab, device, Sampler(cuda_graphs=graphs), logits)
+        for _ in range(4):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(num_steps):
+                step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / num_steps)
+        else:
+            begin = time.perf_counter()
+            for _ in range(num_steps):
+                step()
+            times.append((time.perf_counter() - begin) * 1e6 / num_steps)
+    return statistics.median(times)
+
+
 def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
     base = torch.randn(batch, vocab, device=device)
     results = []
@@ -123,29 +177,12 @@ def run(batch: int, vocab: int, device: torch.device, reps: int) -> list[dict]:
         alone = median_us(lambda: sampler(logits, md), device, reps)
         graphed = graph_us(lambda: sampler(logits, md), device, reps)
         enqueue = host_us(lambda: sampler(logits, md), 30, device)
-        # As the engine sees it: one more token in every row's list each step (copies of the
-        # rows, so that the loops above keep their fixed lists), through the MetadataCache.
-        engine_figures = []
-        for graphs in (True, False):
-            grown = grown_rows(rows)
-            engine_sampler, cache = Sampler(cuda_graphs=graphs and device.type == "cuda"), MetadataCache()
-
-            def engine_build():
-                for r in grown:
-                    r.token_ids.append(7)
-                return cache.build(grown, vocab, device, histories=engine_sampler.histories)
-
-            engine_figures.append(median_us(lambda: engine_sampler(logits, engine_build()), device, reps))
-        engine, engine_eager = engine_figures
-        engine_host = host_us(engine_build, 50, device)
-        grown, fresh = grown_rows(rows), Sampler()
-
-        def build_grown():
-            for r in grown:
-                r.token_ids.append(7)
-            SamplingMetadata.build(grown, vocab, device, histories=fresh.histories)
-
-        host = host_us(build_grown, 50, device)
+        # As the engine sees it (steps_us): one more token in every row's list each step, the
+        # build through the MetadataCache, the Sampler with and without its CUDA graphs.
+        engine = steps_us(rows, vocab, device, device.type == "cuda", logits)
+        engine_eager = steps_us(rows, vocab, device, False, logits)
+        engine_host = host_us(decode_steps(rows, vocab, device, Sampler(), build_only=True), 50, device)
+        host = host_us(decode_steps(rows, vocab, device, Sampler(), build_only=True, cache=False), 50, device)
         results.append(dict(case=name, batch=batch, vocab=vocab, sampler_us=round(alone, 1),
                             sampler_graph_us=None if graphed is None else round(graphed, 1), full_us=round(full, 1),
                             engine_us=round(engine, 1), engine_eager_us=round(engine_eager, 1),
