@@ -51,8 +51,6 @@ class EngineCore:
         self.eos_token_ids = self._eos_ids()
         self._ids = itertools.count()
         self.in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # launched, not yet read
-        # A finished step's changed requests whose outputs wait for the next iteration (see phases()).
-        self.deferred: list[Request] = []
         self.last_finished: SchedulerOutput | None = None  # the step the last iteration waited for
         # Seeds for requests that bring none: random per request, reproducible per engine seed.
         self._seeds = random.Random(mc.seed)
@@ -184,7 +182,7 @@ class EngineCore:
     @property
     def has_unfinished(self) -> bool:
         """Requests left, or a step in flight whose tokens someone still waits for."""
-        if self.scheduler.has_unfinished or self.deferred:
+        if self.scheduler.has_unfinished:
             return True
         return self.in_flight is not None and any(not s.request.status.finished for s in self.in_flight[0].scheduled)
 
@@ -221,9 +219,7 @@ class EngineCore:
     def finish_step(self, out: SchedulerOutput, result: StepResult,
                     then_sample: tuple[SchedulerOutput, LaunchedStep] | None = None) -> list[RequestOutput]:
         """Tokens -> requests -> outputs. `then_sample`: the launched step sampled next, whose
-        bitmask (if it has constrained rows) starts filling once the grammars have advanced; then
-        the outputs (detokenizing, stop strings, streaming) wait for the next iteration, which
-        makes them after that late sampling and the next forward are queued (see phases())."""
+        bitmask (if it has constrained rows) starts filling once the grammars have advanced."""
         self.num_steps += 1
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
@@ -232,9 +228,6 @@ class EngineCore:
             self._advance_grammars(constrained)
             if then_sample is not None:
                 self.runner.start_fill(*then_sample)
-        if then_sample is not None:
-            self.deferred = changed
-            return []
         return self.outputs.process(changed, self.scheduler.finish_request)
 
     def _advance_grammars(self, requests: list[Request]) -> None:
@@ -268,23 +261,15 @@ class EngineCore:
         words) leaves its sampling to the next iteration ("late"), after its step before is
         finished: so only the sampler waits for the host, and the late sampler N and forward N+1
         are queued back to back (the host's schedule and stage of N+1 come before them, while the
-        GPU still runs forward N and the bitmask fills). The host's work from N-1's end to
-        sampler N's launch is then the GPU's critical path, so N-1's outputs (finish N-1's
-        detokenizing, stop strings and streaming) wait until after enqueue N+1, while the GPU runs
-        sampler N and forward N+1: those outputs come one iteration later, and a request that a
-        stop string ends in N-1 is scheduled once more in N+1 (its tokens dropped, as a request's
-        that ends while its next step runs). Outputs come one step later. Without async
+        GPU still runs forward N and the bitmask fills). Outputs come one step later. Without async
         scheduling nothing is in flight at the start, and N+1 is waited for and finished at once.
         """
         outputs: list[RequestOutput] = []
-        deferred, self.deferred = self.deferred, []
         out = self.schedule()
         staged = self.stage(out) if not out.empty else None
         if self.in_flight is not None and self.in_flight[1].needs_sampling:
             yield functools.partial(self.sample, *self.in_flight)
         launched = (yield functools.partial(self.enqueue, staged)) if staged is not None else None
-        if deferred:
-            outputs += self.outputs.process(deferred, self.scheduler.finish_request)
         if self.in_flight is not None:
             if launched is not None:
                 self.num_steps_run_ahead += 1
@@ -318,7 +303,6 @@ class EngineCore:
     def fail_all(self) -> list[str]:
         """After an error in a step: finish every request and free its blocks; their ids."""
         self.in_flight = None
-        self.deferred = []
         ids = list(self.outputs.parents)
         for request_id in ids:
             self.abort(request_id, RequestStatus.FINISHED_ERROR)
