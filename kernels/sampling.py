@@ -135,7 +135,7 @@ def _draw_split_kernel(logits_ptr, stride, rows_ptr, skip_ptr, keys_ptr, inv_tem
         tl.store(arg_ptr + out, tl.min(tl.where(best == top, arg, vocab), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])  # the splits follow the rows: one kernel for every batch
 def _draw_combine_kernel(best_ptr, arg_ptr, rows_ptr, skip_ptr, out_ptr, splits, vocab, HAS_ROWS: tl.constexpr,
                          HAS_SKIP: tl.constexpr, BLOCK_S: tl.constexpr):
     i = tl.program_id(0)
@@ -190,7 +190,8 @@ def gumbel_argmax_triton(logits, keys, inv_temp, floor, rows=None, out=None, ski
     _draw_split_kernel[(m, splits)](logits, logits.stride(0), rows, skip, keys, inv_temp, floor, best, arg, vocab,
                                     span, NOISE=keys is not None, HAS_FLOOR=floor is not None, BLOCK=block,
                                     num_warps=8, **flags)
-    _draw_combine_kernel[(m,)](best, arg, rows, skip, out, splits, vocab, BLOCK_S=triton.next_power_of_2(splits),
+    most = triton.cdiv(vocab, block)  # the splits of a single row: one block size whatever the rows
+    _draw_combine_kernel[(m,)](best, arg, rows, skip, out, splits, vocab, BLOCK_S=triton.next_power_of_2(most),
                                num_warps=1, **flags)
     return out
 

@@ -244,7 +244,9 @@ class UploadArena:
         self.offsets, size = [], 0
         for _, dtype, shape in layout:
             self.offsets.append(size)
-            size += -(-int(np.prod(shape)) * dtype.itemsize // 8) * 8  # 8-byte aligned for every dtype's view
+            # 16-byte aligned: every dtype's view, and Triton, which compiles a kernel of its own
+            # for a pointer that is not (a batch of another size would compile anew).
+            size += -(-int(np.prod(shape)) * dtype.itemsize // 16) * 16
         if device != self.device or self.buf.numel() < size:
             grown = 2 * self.buf.numel() if device == self.device else 0
             self.buf = torch.empty(max(size, grown, 64), dtype=torch.uint8, device=device)

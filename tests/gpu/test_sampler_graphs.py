@@ -103,3 +103,35 @@ def test_the_least_recently_used_graph_goes_past_the_limit():
     graphs = sampler.graphs
     assert graphs.captures == 3 and graphs.replays == 6 and len(graphs.graphs) == 2
     assert [key[6][1][0] for key in graphs.graphs] == [3, 4]  # the logits' rows: n = 2 went
+
+
+def compiled_kernels() -> int:
+    """Triton kernels compiled so far by the sampler's modules (all variants, this device)."""
+    from triton.runtime.jit import JITFunction
+
+    import kernels.sampling
+    import kernels.sampling_topk
+
+    device = torch.cuda.current_device()
+    jitted = {fn for module in (kernels.sampling, kernels.sampling_topk) for fn in vars(module).values()
+              if isinstance(fn, JITFunction)}
+    return sum(len(fn.device_caches[device][0]) for fn in jitted if device in fn.device_caches)
+
+
+def test_a_shrinking_batch_compiles_no_kernel_after_the_first_sizes():
+    """Requests finish one by one: each batch size lays the metadata out anew. Once a few sizes
+    have run, no other size may compile a kernel (a compile holds the engine loop 50-200 ms): no
+    integer that follows the rows is specialized on, and every metadata tensor is 16-byte aligned."""
+    pipeline = Pipeline(False, 64)
+
+    def run(sizes):
+        for step, n in enumerate(sizes):
+            pipeline.live = list(range(n))
+            for again in range(2):  # a full build, then a reuse
+                pipeline.step(2 * step + again, random_logits(n, VOCAB, seed=n + again).cuda())
+
+    run([64, 63, 62, 61])
+    compiled = compiled_kernels()
+    assert compiled >= 5
+    run([59, 58, 57, 54, 50, 45, 41, 33, 17])
+    assert compiled_kernels() == compiled
