@@ -436,17 +436,24 @@ class ModelRunner:
             self.bitmask.finish_fill()
         rows: list[SamplingRow] = []
         grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
-        for j, i in enumerate(step.sample_rows):
-            r = out.scheduled[i].request
-            # Finished while this step was in flight (stop, grammar end, abort): its token will be
-            # dropped, and its grammar (terminated, or no longer fed) is left alone.
-            live = not r.status.finished
-            if (grammar := r.live_grammar) is not None:
-                grammars.append(grammar)
-                grammar_rows.append(j)
-            rows.append(SamplingRow(r.sampling_params, r.seed, step.counters[j],
-                                    banned_ids=r.banned_token_ids() if live else (),
-                                    token_ids=r.all_token_ids, num_prompt_tokens=r.num_prompt_tokens))
+        scheduled = out.scheduled
+        for j, (i, counter) in enumerate(zip(step.sample_rows, step.counters)):
+            r = scheduled[i].request
+            row = r.sampling_row
+            if row is None:  # one per request, kept: its params, seed and token list never change
+                row = r.sampling_row = SamplingRow(r.sampling_params, r.seed, 0, token_ids=r.all_token_ids,
+                                                   num_prompt_tokens=r.num_prompt_tokens)
+            row.step = counter
+            if r.status.finished:
+                # Finished while this step was in flight (stop, grammar end, abort): its token will be
+                # dropped, and its grammar (terminated, or no longer fed) is left alone.
+                row.banned_ids = ()
+            else:
+                row.banned_ids = r.banned_token_ids()
+                if r.grammar is not None:
+                    grammars.append(r.grammar)
+                    grammar_rows.append(j)
+            rows.append(row)
         step.logprobs_wanted = [r.params.logprobs for r in rows]
         md = self.sampling_metadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,
                                           getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler

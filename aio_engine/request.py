@@ -81,6 +81,7 @@ class Request:
         self.parent_id = parent_id or request_id
         self.wait_for = wait_for
         self.grammar = None  # structured.RequestGrammar when the output is constrained
+        self.sampling_row = None  # sampling.metadata.SamplingRow: the runner's, made once, kept across steps
         # Filled by the KV-cache manager.
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
