@@ -290,9 +290,9 @@ class MetadataCache:
         params, seeds = list(map(_params, rows)), list(map(_seed, rows))
         context = (vocab_size, str(device), logprobs_mode)
         last = self.md
-        # (Equal params draw alike: the list compare takes the same objects as equal at once.)
-        if (last is not None and context == self.context and params == self.params and seeds == self.seeds
-                and not any(map(_banned_ids, rows))):
+        # The same params objects (not equal ones: a user's extra_args may hold what == cannot compare).
+        if (last is not None and context == self.context and len(params) == len(self.params)
+                and all(map(is_, params, self.params)) and seeds == self.seeds and not any(map(_banned_ids, rows))):
             up: dict[str, np.ndarray] = {}
             width = 0
             if last.penalties is None or (histories is not None and histories is self.histories

@@ -162,3 +162,16 @@ def test_steps_laid_out_alike_see_their_metadata_at_the_same_addresses(device):
     assert cache.hits == 3 and addresses(again) == addresses(later)
     assert later.keys.cpu().tolist() == [row_key(s, 5) for s in (7, 8, 9)]
     assert again.keys.data_ptr() not in seen[0].values()  # full builds and reuses: buffers of their own
+
+
+def test_equal_params_of_other_requests_take_a_full_build_without_comparing_their_fields(device):
+    # A user's extra_args may hold what == cannot answer (a numpy array): params are matched by identity.
+    import numpy as np
+
+    def params():
+        return SamplingParams(temperature=0.5, extra_args={"weights": np.arange(3)})
+
+    cache = MetadataCache()
+    cache.build(rows_at([params()], [1], 0), VOCAB, device)
+    cache.build(rows_at([params()], [1], 1), VOCAB, device)
+    assert cache.hits == 0
