@@ -418,7 +418,9 @@ class TokenHistories:
     def advance(self, up: dict, rows) -> int | None:
         """The last build again, each penalized row's list one token longer (a decode step that
         samples the rows of the step before): stage that token and the ranges into `up` and return
-        the widest range; None (nothing staged) where that is not what happened."""
+        the widest range; None (nothing staged) where that is not what happened. The token reaches
+        the device history when the penalty kernel runs on the metadata (Penalties.new_ids): a
+        reuse build must be sampled, as the runner always does, or that slot keeps a stale id."""
         last = self.last
         if last is None or last.build != self.builds:
             return None
