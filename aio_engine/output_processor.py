@@ -53,6 +53,10 @@ class SampleState:
         self.num_tokens_seen = seen + num_new
         if self.detokenizer is None:
             return None
+        if final and seen == 0:  # the whole output at once (final outputs only): one decode
+            self.text = self._decode_from(0, self.detokenizer.context)
+            self.num_tokens_released = num_new
+            return self._find_stop(0)
         # Grown in a local that holds the only reference: CPython then extends the string in
         # place, where `self.text += piece` would copy the whole text every step.
         text, self.text = self.text, ""
@@ -66,7 +70,12 @@ class SampleState:
         if final:
             text += self._flush()
         self.text = text
-        if not self.stop or len(text) == before:
+        return self._find_stop(before)
+
+    def _find_stop(self, before: int) -> str | None:
+        """The first stop string in the text past its first `before` chars (seen before): the
+        text is cut there."""
+        if not self.stop or len(self.text) == before:
             return None
         search_from = max(0, before - self.longest_stop + 1)
         best: tuple[int, str] | None = None
@@ -86,15 +95,21 @@ class SampleState:
             return ""
         # Decoded after the six tokens before it (prompt or released output) as context.
         start = self.request.num_prompt_tokens + self.num_tokens_released
-        end = self.request.num_prompt_tokens + self.num_tokens_seen
-        all_ids = self.request.all_token_ids
-        held, context = all_ids[start:end], all_ids[max(0, start - 6):start]
+        text = self._decode_from(self.num_tokens_released, self.request.all_token_ids[max(0, start - 6):start])
         self.num_tokens_released = self.num_tokens_seen
+        return text
+
+    def _decode_from(self, first: int, context) -> str:
+        """The text of output tokens first..num_tokens_seen, decoded in one call after `context`
+        (token ids) as an incremental decode reads them (the tokenizer's decode of context + tokens,
+        less that of the context)."""
+        ids = self.request.output_token_ids[first:self.num_tokens_seen]
         tokenizer = self.detokenizer.tokenizer
         kw = {"skip_special_tokens": self.request.sampling_params.skip_special_tokens,
               "clean_up_tokenization_spaces": False}
-        prefix, full = tokenizer.decode(context, **kw), tokenizer.decode(context + held, **kw)
-        return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(held, **kw)
+        context = list(context)
+        prefix, full = tokenizer.decode(context, **kw), tokenizer.decode(context + ids, **kw)
+        return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(ids, **kw)
 
     def due(self, stream_interval: int, kind: RequestOutputKind) -> bool:
         if self.request.status > _PREEMPTED:  # finished
@@ -221,11 +236,13 @@ class OutputProcessor:
                 continue
             parent, state = entry
             new = request.num_output_tokens - state.num_tokens_seen
-            if new > 0:
-                stop = state.add_tokens(new, request.status > _PREEMPTED)
+            finished = request.status > _PREEMPTED
+            if new > 0 and (finished or state.stop or parent.kind is not _FINAL_ONLY):
+                # Final outputs without stop strings are decoded once, at the end (add_tokens).
+                stop = state.add_tokens(new, finished)
                 if stop is not None:
                     request.stop_reason = stop
-                    if request.status > _PREEMPTED:  # the same token also hit eos/length: the stop string wins
+                    if finished:  # the same token also hit eos/length: the stop string wins
                         request.status = _FINISHED_STOPPED
                     else:
                         finish(request.request_id, _FINISHED_STOPPED)
@@ -240,7 +257,7 @@ class OutputProcessor:
         if entry is None:
             return None
         parent, state = entry
-        state.add_tokens(0, final=True)
+        state.add_tokens(request.num_output_tokens - state.num_tokens_seen, final=True)
         return self._emit(parent)
 
     def _emit(self, parent: ParentState) -> RequestOutput | None:

@@ -38,6 +38,7 @@ class IncrementalDetokenizer:
         context = list(prompt_token_ids[-6:])
         while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
             context.pop()
+        self.context = tuple(context)  # what the first output token is decoded after
         if backend is not None:
             from tokenizers.decoders import DecodeStream
 

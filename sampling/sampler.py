@@ -51,16 +51,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata,
                  constrain: Callable[[torch.Tensor], None] | None = None) -> SamplerOutput:
         """float32 logits [rows, vocab] (modified in place) -> SamplerOutput. `constrain` masks
-        the logits in place first (the grammars' token bitmask), after raw logprobs are read."""
+        the logits in place first (the grammars' token bitmask), after raw logprobs are read; one
+        with a `graph_key` (its launch reads only the device buffers that key names, e.g.
+        structured.bitmask.DeviceMask) goes into the sampler's CUDA graph with the rest."""
         raw = None
         if md.num_logprobs >= 0 and md.logprobs_mode.startswith("raw"):
             raw = _as_mode(logits, md.logprobs_mode)
-        if constrain is not None:
-            constrain(logits)
         if md.num_logprobs < 0:
             if self.graphs is not None and logits.is_cuda:
-                return SamplerOutput(self.graphs.run(logits, md))
-            return SamplerOutput(_draw_tokens(logits, md))
+                return SamplerOutput(self.graphs.run(logits, md, constrain))
+            return SamplerOutput(_draw_tokens(logits, md, constrain))
+        if constrain is not None:
+            constrain(logits)
         tokens, cut, cut_id = _process_and_draw(logits, md, with_cut_id=raw is None)
         values = raw
         if raw is None:  # processed: the distribution drawn from (greedy rows: the penalized logits)
@@ -80,15 +82,18 @@ def _process_and_draw(logits: torch.Tensor, md: SamplingMetadata, with_cut_id: b
     return _draw(logits, md, with_cut_id)
 
 
-def _draw_tokens(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """A step without logprobs, from the masked logits to the token ids: what a graph holds."""
+def _draw_tokens(logits: torch.Tensor, md: SamplingMetadata, constrain=None) -> torch.Tensor:
+    """A step without logprobs, from the logits (masked first by `constrain`) to the token ids:
+    what a graph holds."""
+    if constrain is not None:
+        constrain(logits)
     return _process_and_draw(logits, md)[0]
 
 
 class SamplerGraphs:
     """CUDA graphs of _draw_tokens, each for one layout of a step: the addresses, shapes and
-    strides of the logits and of every metadata tensor, and the metadata's host numbers (the
-    penalty width by bucket). A graph reads its inputs where they were at capture, so a step whose
+    strides of the logits and of every metadata tensor, the metadata's host numbers (the
+    penalty width by bucket), and the grammars' masking when it can be captured (its graph_key). A graph reads its inputs where they were at capture, so a step whose
     tensors all sit at those addresses replays it with whatever they hold now. A layout is
     captured the second step in a row it comes (a steady decode batch), after an eager run has
     compiled the kernels; at most `max_graphs` are kept (the least recently used goes), in one
@@ -102,15 +107,20 @@ class SamplerGraphs:
         self.pool = None
         self.captures = self.replays = 0
 
-    def run(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """_draw_tokens(logits, md), replayed from a graph where one fits."""
-        key = _layout(logits, md)
+    def run(self, logits: torch.Tensor, md: SamplingMetadata, constrain=None) -> torch.Tensor:
+        """_draw_tokens(logits, md, constrain), replayed from a graph where one fits; a
+        `constrain` without a graph_key runs before it, eagerly."""
+        masked_in_graph = getattr(constrain, "graph_key", None)
+        if constrain is not None and masked_in_graph is None:
+            constrain(logits)
+            constrain = None
+        key = _layout(logits, md) + (masked_in_graph,)
         last, self.last_key = self.last_key, key
         entry = self.graphs.get(key)
         if entry is None:
             if key != last:
-                return _draw_tokens(logits, md)
-            entry = self._capture(logits, md, key)
+                return _draw_tokens(logits, md, constrain)
+            entry = self._capture(logits, md, key, constrain)
         else:
             self.graphs.move_to_end(key)
         graph, tokens = entry
@@ -118,7 +128,7 @@ class SamplerGraphs:
         self.replays += 1
         return tokens.clone()
 
-    def _capture(self, logits: torch.Tensor, md: SamplingMetadata, key: tuple):
+    def _capture(self, logits: torch.Tensor, md: SamplingMetadata, key: tuple, constrain=None):
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         if len(self.graphs) >= self.max_graphs:
@@ -131,7 +141,7 @@ class SamplerGraphs:
         with torch.cuda.stream(side):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                tokens = _draw_tokens(logits, md)
+                tokens = _draw_tokens(logits, md, constrain)
             finally:
                 graph.capture_end()
         stream.wait_stream(side)

@@ -24,7 +24,8 @@ host buffer is never rewritten under a pending copy. An event guards that all th
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -73,7 +74,8 @@ class BatchBitmask:
 
     def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True) -> None:
         """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
-        fill releases the GIL, so the caller's Python runs meanwhile) and the next apply(),
+        fill releases the GIL, so the caller's Python runs meanwhile; this call returns once
+        the worker has taken it up) and the next apply(),
         clear() or finish_fill() waits for it. Until then nothing may call the grammars'
         matchers (xgrammar moves a matcher's parser through each candidate token while it fills)."""
         rows = [int(r) for r in rows]
@@ -97,8 +99,15 @@ class BatchBitmask:
                 return
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
-            self._filling = self._worker.submit(self._batch.batch_fill_next_token_bitmask, matchers, self.host,
-                                                live_rows)
+            started = threading.Event()
+            self._filling = self._worker.submit(self._fill_rows, matchers, live_rows, started)
+            # Hand the worker the GIL until it is inside xgrammar (which runs without it): else it
+            # would start only when this thread next lets the GIL go, often at finish_fill().
+            started.wait()
+
+    def _fill_rows(self, matchers: list, rows: list[int], started: threading.Event) -> None:
+        started.set()
+        self._batch.batch_fill_next_token_bitmask(matchers, self.host, rows)
 
     def finish_fill(self) -> None:
         """Wait for the fill start_fill() began, if any (its error, if any, raises here)."""
@@ -117,9 +126,18 @@ class BatchBitmask:
         logits: [num_rows, vocab_size] on this bitmask's device (any float dtype); a no-op when
         no row was filled.
         """
+        mask = self.upload(logits)
+        if mask is not None:
+            mask(logits)
+
+    def upload(self, logits: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
+        """apply() but the masking itself: the filled rows copied to the device (queued on the
+        current stream), and the masking returned, to run on these logits: None when no row was
+        filled. On CUDA the masking reads only this bitmask's device buffers (`graph_key` says
+        which), so a CUDA graph may hold it and replay it after each upload (sampling/sampler.py)."""
         self.finish_fill()
         if not self._rows:
-            return
+            return None
         if logits.dim() != 2 or logits.shape[-1] != self.vocab_size:
             raise ValueError(f"apply: logits must be [rows, {self.vocab_size}], got {list(logits.shape)}")
         if logits.device.type != self.device.type:
@@ -127,11 +145,9 @@ class BatchBitmask:
         if max(self._rows) >= logits.shape[0]:
             raise ValueError(f"apply: row {max(self._rows)} is past the {logits.shape[0]} logits rows")
         if logits.device.type == "cpu":
-            width = min(32 * self.host.shape[1], self.vocab_size)
-            xgr.apply_token_bitmask_inplace(logits, self.host, indices=self._rows, vocab_size=width)
-            if width < self.vocab_size:
-                logits[self._rows, width:] = float("-inf")  # padding ids
-            return
+            return functools.partial(_apply_on_cpu, bitmask=self.host, rows=self._rows, vocab_size=self.vocab_size)
+        if logits.stride(-1) != 1:
+            raise ValueError("apply: the logits' rows must be contiguous")
         self._wait_upload()
         count, top = len(self._rows), max(self._rows) + 1
         # The copies and the masking are queued on the current stream, in order: no host sync.
@@ -142,21 +158,9 @@ class BatchBitmask:
             self._rows_sent = self._rows
         self._uploaded.record()
         self._uploading = True
-        self._launch(logits, count)
-
-    def _launch(self, logits: torch.Tensor, count: int) -> None:
-        """xgrammar's Triton kernel (what xgr.apply_token_bitmask_inplace runs on CUDA), launched
-        with its settings worked out once: its wrapper asks for the device's properties twice and
-        checks the arguments on every call (~0.1 ms of host time a step on the H100)."""
-        if logits.stride(-1) != 1:
-            raise ValueError("apply: the logits' rows must be contiguous")
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        block = 4096  # xgrammar's block: num_warps = block / 32 lanes / (16 / bytes per logit)
-        apply_kernel()[(self._sms,)](
-            logits, self._mask_device, self._rows_device, count, self.vocab_size, logits.stride(0),
-            self._mask_device.stride(0), self._sms, block,
-            num_warps=block // 32 // (16 // logits.element_size()), num_stages=3)
+        return DeviceMask(self, count)
 
     def _fit(self, vocab_size: int) -> None:
         """Size the host buffer to the grammars' vocabulary (one tokenizer's: once per engine)."""
@@ -174,6 +178,35 @@ class BatchBitmask:
         if self._uploading:
             self._uploaded.synchronize()
             self._uploading = False
+
+
+class DeviceMask:
+    """The masking of one step's uploaded rows on CUDA: xgrammar's Triton kernel (what
+    xgr.apply_token_bitmask_inplace runs on CUDA) over the bitmask's device buffers, launched with
+    its settings worked out once (its wrapper asks for the device's properties twice and checks the
+    arguments on every call, ~0.1 ms of host time a step on the H100). It reads nothing from the
+    host: `graph_key` (with the logits' own address, shape and stride) fixes what it launches."""
+
+    __slots__ = ("bitmask", "count", "graph_key")
+
+    def __init__(self, bitmask: BatchBitmask, count: int) -> None:
+        self.bitmask, self.count = bitmask, count
+        self.graph_key = ("bitmask", bitmask._mask_device.data_ptr(), bitmask._rows_device.data_ptr(), count)
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        bm = self.bitmask
+        block = 4096  # xgrammar's block: num_warps = block / 32 lanes / (16 / bytes per logit)
+        apply_kernel()[(bm._sms,)](
+            logits, bm._mask_device, bm._rows_device, self.count, bm.vocab_size, logits.stride(0),
+            bm._mask_device.stride(0), bm._sms, block,
+            num_warps=block // 32 // (16 // logits.element_size()), num_stages=3)
+
+
+def _apply_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
+    width = min(32 * bitmask.shape[1], vocab_size)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows, vocab_size=width)
+    if width < vocab_size:
+        logits[rows, width:] = float("-inf")  # padding ids
 
 
 @functools.cache

@@ -76,3 +76,44 @@ def test_abort_flushes_and_reports_abort(tokenizer):
     assert final.finished and final.outputs[0].finish_reason == "abort"
     assert final.outputs[0].text == tokenizer.decode(ids)
     assert processor.finish_external(request) is None
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow"])
+def test_final_only_decodes_once_at_the_end_with_the_text_a_stream_gets(slow, tokenizer):
+    """FINAL_ONLY without stop strings is not detokenized step by step (its text is needed only
+    at the end, decoded in one call); that text is the one a token-by-token stream builds, over
+    random ids (byte pieces of cut characters among them) after random prompts."""
+    import random
+
+    tok = SlowOnly(tokenizer) if slow else tokenizer
+    rng = random.Random(7)
+    vocab = len(tokenizer)
+    for trial in range(40):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 9))]
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        texts = {}
+        for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            processor = OutputProcessor(tok, stream_interval=1)
+            params = SamplingParams(max_tokens=len(ids), output_kind=kind, skip_special_tokens=trial % 2 == 0)
+            request = Request("r", prompt, params)
+            processor.add([request], None)
+            state = processor.sample_of["r"][1]
+            steps = []
+            state.detokenizer.step = lambda t, step=state.detokenizer.step: steps.append(t) or step(t)
+            outputs = feed(processor, request, ids, RequestStatus.FINISHED_LENGTH)
+            if kind == RequestOutputKind.FINAL_ONLY:
+                assert steps == [] and len(outputs) == 1, "a final-only output was detokenized token by token"
+            texts[kind] = (outputs[-1].outputs[0].text, outputs[-1].outputs[0].token_ids)
+        assert texts[RequestOutputKind.FINAL_ONLY] == texts[RequestOutputKind.CUMULATIVE], (prompt, ids)
+
+
+def test_final_only_abort_returns_every_token_so_far(tokenizer):
+    ids = tokenizer("one two three").input_ids
+    processor = OutputProcessor(tokenizer, stream_interval=1)
+    request = Request("r", [5], SamplingParams(max_tokens=100, output_kind=RequestOutputKind.FINAL_ONLY))
+    processor.add([request], None)
+    assert feed(processor, request, ids, None) == []
+    request.status = RequestStatus.FINISHED_ABORTED
+    final = processor.finish_external(request)
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert final.outputs[0].token_ids == ids and final.outputs[0].text == tokenizer.decode(ids)

@@ -135,3 +135,51 @@ def test_a_shrinking_batch_compiles_no_kernel_after_the_first_sizes():
     assert compiled >= 5
     run([59, 58, 57, 54, 50, 45, 41, 33, 17])
     assert compiled_kernels() == compiled
+
+
+def test_the_grammars_masking_replays_inside_the_graph_with_each_steps_mask():
+    """BatchBitmask.upload() copies a step's rows and hands the masking over as a DeviceMask: a
+    steady constrained batch replays it inside the sampler's graph, reading that step's mask (a
+    new random one every step, rows 3..47 constrained) and draws what the eager sampler draws on
+    logits masked by the reference; a replay does not sync."""
+    from structured.bitmask import BatchBitmask, DeviceMask, apply_bitmask_reference
+
+    batch, rows = 48, list(range(3, 48))
+    words = (VOCAB + 31) // 32
+    eager, graphed = Pipeline(False, batch), Pipeline(True, batch)
+    bitmask = BatchBitmask(64, VOCAB, "cuda")
+    bitmask.host = torch.zeros(64, words, dtype=torch.int32).pin_memory()
+    gen = torch.Generator().manual_seed(5)
+    for step in range(7):  # eager (a full build, a first reuse), captured at 2, replayed on
+        # About one token in 64 allowed: the draw must land on it.
+        mask = torch.randint(-(2**31), 2**31, (64, words), generator=gen, dtype=torch.int64)
+        for _ in range(5):
+            mask &= torch.randint(-(2**31), 2**31, (64, words), generator=gen, dtype=torch.int64)
+        bitmask.host.copy_(mask.to(torch.int32))
+        bitmask._rows = rows
+        logits = random_logits(batch, VOCAB, seed=300 + step).cuda()
+        masked = logits.cpu()
+        apply_bitmask_reference(masked, bitmask.host, rows)
+        want = eager.step(step, masked.cuda())
+        x = graphed.logits[:batch]
+        x.copy_(logits)
+        row_md = [SamplingRow(PARAMS[i % len(PARAMS)], 100 + i, step, token_ids=graphed.lists[i],
+                              num_prompt_tokens=PROMPT) for i in graphed.live]
+        md = graphed.cache.build(row_md, VOCAB, torch.device("cuda"), histories=graphed.sampler.histories)
+        constrain = bitmask.upload(x)
+        assert isinstance(constrain, DeviceMask)
+        if step == 6:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = graphed.sampler(x, md, constrain).token_ids
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for i, t in zip(graphed.live, got.tolist()):
+            graphed.lists[i].append(t)
+        assert torch.equal(got, want), step
+        allowed = (bitmask.host[rows, got[rows].cpu() // 32] >> (got[rows].cpu() % 32)) & 1
+        assert allowed.all(), step
+    graphs = graphed.sampler.graphs
+    assert graphs.captures == 1 and graphs.replays == 5
+    assert all(key[-1] is not None and key[-1][0] == "bitmask" for key in graphs.graphs)
