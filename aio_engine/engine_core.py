@@ -221,22 +221,31 @@ class EngineCore:
         """Tokens -> requests -> outputs. `then_sample`: the launched step sampled next, whose
         bitmask (if it has constrained rows) starts filling once the grammars have advanced."""
         self.num_steps += 1
+        # Grammars first (each takes its request's new token, in one call into xgrammar), so that
+        # the next step's bitmask starts filling before the tokens are appended: the fill is the
+        # longest part of a constrained step's host work. A token that also ends its request
+        # (length, eos) is accepted too, and that request's grammar then left alone.
+        constrained = [(r, token) for sched, token in zip(out.scheduled, result.tokens)
+                       if token is not None and (r := sched.request).live_grammar is not None]
+        accepted = None
+        if constrained:
+            from structured.matcher import accept_batch
+
+            accepted = accept_batch([r.grammar for r, _ in constrained], [token for _, token in constrained])
+        if then_sample is not None:
+            self.runner.start_fill(*then_sample)
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
-        constrained = [r for r in changed if r.live_grammar is not None]
         if constrained:
-            self._advance_grammars(constrained)
-            if then_sample is not None:
-                self.runner.start_fill(*then_sample)
+            self._end_by_grammar(constrained, accepted)
         return self.outputs.process(changed, self.scheduler.finish_request)
 
-    def _advance_grammars(self, requests: list[Request]) -> None:
-        """Each grammar takes its request's new token (one call into xgrammar for the batch); a
-        complete output ends its request ("stop")."""
-        from structured.matcher import accept_batch
-
-        tokens = [r.all_token_ids[-1] for r in requests]
-        for request, token, accepted in zip(requests, tokens, accept_batch([r.grammar for r in requests], tokens)):
+    def _end_by_grammar(self, constrained: list[tuple[Request, int]], accepted: list[bool]) -> None:
+        """After the grammars took the step's tokens: a refused token fails its request, a complete
+        output ends it ("stop"); requests the step ended otherwise are left as they are."""
+        for (request, token), accepted in zip(constrained, accepted):
+            if request.status.finished:
+                continue
             if not accepted:
                 logger.error("request %s: token %d breaks its grammar", request.request_id, token)
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
@@ -254,8 +263,8 @@ class EngineCore:
             enqueue N+1      blocking   forward N+1 queued behind N, its inputs N's ids on the GPU;
                                         its sampling too, unless a row samples from its tokens so far
             wait N           blocking   N's ids home (the one host sync)
-            finish N         host       tokens appended, grammars advanced (then N+1's bitmask
-                                        starts filling in a worker thread), stops, outputs
+            finish N         host       grammars advanced (then N+1's bitmask starts filling in
+                                        a worker thread), tokens appended, stops, outputs
 
         A step whose rows sample from their tokens so far (grammars, penalties, min_tokens, bad
         words) leaves its sampling to the next iteration ("late"), after its step before is

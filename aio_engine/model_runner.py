@@ -416,6 +416,7 @@ class ModelRunner:
             self._enqueue_sampling(out, step, logits)
             self._record_done(step)
 
+    @torch.inference_mode()  # as every other use of the bitmask's host buffer
     def start_fill(self, out: SchedulerOutput, step: LaunchedStep) -> None:
         """Begin the bitmask fill of a step that sample() will sample, from the grammars' state
         now, in the bitmask's worker thread: the engine calls it as soon as the step before has
@@ -430,10 +431,11 @@ class ModelRunner:
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
         """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""
         prefilled, self._fill_started = self._fill_started is step, None
-        if "bitmask" in vars(self):  # made on first use
-            # A fill may be running (this step's, from start_fill(), or one an interrupted step left):
-            # it ends before the rows are built, which may ask a matcher is_completed (min_tokens).
+        if not prefilled and "bitmask" in vars(self):  # made on first use
+            # A fill an interrupted step left may be running: it ends before the rows are built.
             self.bitmask.finish_fill()
+        # This step's own fill (start_fill()) runs on while the rows and their metadata are built:
+        # it ends before the bitmask's upload, or before a matcher is asked is_completed (min_tokens).
         rows: list[SamplingRow] = []
         grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
         scheduled = out.scheduled
@@ -449,6 +451,8 @@ class ModelRunner:
                 # dropped, and its grammar (terminated, or no longer fed) is left alone.
                 row.banned_ids = ()
             else:
+                if prefilled and r.grammar is not None and r.num_output_tokens < r.sampling_params.min_tokens:
+                    self.bitmask.finish_fill()
                 row.banned_ids = r.banned_token_ids()
                 if r.grammar is not None:
                     grammars.append(r.grammar)
