@@ -227,17 +227,15 @@ class EngineCore:
         # (length, eos) is accepted too, and that request's grammar then left alone.
         constrained = [(r, token) for sched, token in zip(out.scheduled, result.tokens)
                        if token is not None and (r := sched.request).live_grammar is not None]
-        accept = ([r.grammar for r, _ in constrained], [token for _, token in constrained]) if constrained else None
-        # Both in the fill's worker thread when the next step fills a bitmask.
-        filling = then_sample is not None and self.runner.start_fill(*then_sample, accept=accept)
-        if accept is not None and not filling:
+        accepted = None
+        if constrained:
             from structured.matcher import accept_batch
 
-            accepted = accept_batch(*accept)
+            accepted = accept_batch([r.grammar for r, _ in constrained], [token for _, token in constrained])
+        if then_sample is not None:
+            self.runner.start_fill(*then_sample)
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
-        if filling:  # the worker, woken meanwhile, gets the GIL until the fill runs in xgrammar
-            accepted = self.runner.bitmask.accepted()
         if constrained:
             self._end_by_grammar(constrained, accepted)
         return self.outputs.process(changed, self.scheduler.finish_request)

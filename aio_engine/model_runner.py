@@ -417,20 +417,16 @@ class ModelRunner:
             self._record_done(step)
 
     @torch.inference_mode()  # as every other use of the bitmask's host buffer
-    def start_fill(self, out: SchedulerOutput, step: LaunchedStep, accept=None) -> bool:
-        """Begin the bitmask fill of a step that sample() will sample, in the bitmask's worker
-        thread, the grammars first taking the step before's tokens (`accept`: grammars, tokens;
-        then the bitmask's accepted() says how that went): the engine calls it as soon as those
-        tokens are home, so that the fill runs while the host finishes that step. False (nothing
-        started, the accept not made) when the step has no constrained row."""
+    def start_fill(self, out: SchedulerOutput, step: LaunchedStep) -> None:
+        """Begin the bitmask fill of a step that sample() will sample, from the grammars' state
+        now, in the bitmask's worker thread: the engine calls it as soon as the step before has
+        advanced the grammars, so that the fill runs while the host finishes that step."""
         picked = [(grammar, j) for j, i in enumerate(step.sample_rows)
                   if (grammar := out.scheduled[i].request.live_grammar) is not None]
-        if not picked:
-            return False
-        grammars, rows = zip(*picked)
-        self.bitmask.start_fill(grammars, rows, accept=accept)
-        self._fill_started = step
-        return True
+        if picked:
+            grammars, rows = zip(*picked)
+            self.bitmask.start_fill(grammars, rows)
+            self._fill_started = step
 
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
         """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""

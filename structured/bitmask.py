@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import xgrammar as xgr
 
-from .matcher import RequestGrammar, accept_batch, fill_stop_row
+from .matcher import RequestGrammar, fill_stop_row
 
 
 class BatchBitmask:
@@ -59,7 +59,6 @@ class BatchBitmask:
         self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
         self._worker: ThreadPoolExecutor | None = None  # start_fill's thread (made on first use)
         self._filling: Future | None = None
-        self._job: _FillJob | None = None  # the last start_fill()'s
 
     @property
     def rows(self) -> list[int]:
@@ -73,18 +72,12 @@ class BatchBitmask:
         """
         self.start_fill(grammars, rows, background=False)
 
-    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True,
-                   accept: tuple[Sequence[RequestGrammar], Sequence[int]] | None = None) -> None:
+    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True) -> None:
         """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
-        fill releases the GIL, so the caller's Python runs meanwhile) and the next apply(),
+        fill releases the GIL, so the caller's Python runs meanwhile; this call returns once
+        the worker has taken it up) and the next apply(),
         clear() or finish_fill() waits for it. Until then nothing may call the grammars'
-        matchers (xgrammar moves a matcher's parser through each candidate token while it fills).
-
-        `accept` = (grammars, tokens): each of those grammars takes its token first, in the same
-        worker (accept_batch), before the rows are read; accepted() gives the result. Call
-        accepted() soon after: until this thread lets the GIL go the worker cannot start (a
-        thread waiting for the GIL gets it only after the holder's 5 ms switch interval), and
-        accepted() lets it go until the fill runs in xgrammar."""
+        matchers (xgrammar moves a matcher's parser through each candidate token while it fills)."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
@@ -94,46 +87,27 @@ class BatchBitmask:
         self._wait_upload()
         if grammars:
             self._fit(grammars[0].vocab_size)
+        live = [i for i, g in enumerate(grammars) if not g.is_terminated]
+        for i in set(range(len(grammars))).difference(live):
+            fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
         self._rows = rows
-        job = self._job = _FillJob(list(grammars), rows, accept)
-        if not background:
-            self._run(job)
-            return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
-        self._filling = self._worker.submit(self._run, job)
-
-    def accepted(self) -> list[bool] | None:
-        """Wait until the last start_fill()'s worker has taken its tokens (accept) and is filling
-        in xgrammar, this thread letting the GIL go meanwhile; the accept's result (None without
-        one). An error in the accept raises here."""
-        job = self._job
-        if job is None:
-            return None
-        job.started.wait()
-        if job.error is not None:
-            self.finish_fill()
-        return job.accepted
-
-    def _run(self, job: _FillJob) -> None:
-        """The fill (with its accept first), in the worker or in the caller's thread."""
-        try:
-            with torch.inference_mode():  # the host buffer is an inference tensor (made under the runner's)
-                if job.accept is not None:
-                    job.accepted = accept_batch(*job.accept)
-                grammars, rows = job.grammars, job.rows
-                live = [i for i, g in enumerate(grammars) if not g.is_terminated]
-                for i in set(range(len(grammars))).difference(live):
-                    fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
-        except BaseException as e:
-            job.error = e
-            raise
-        finally:
-            job.started.set()
         if live:
             matchers = [grammars[i].matcher for i in live]
-            self._batch.batch_fill_next_token_bitmask(matchers, self.host,
-                                                      rows if len(live) == len(rows) else [rows[i] for i in live])
+            live_rows = rows if len(live) == len(rows) else [rows[i] for i in live]
+            if not background:
+                self._batch.batch_fill_next_token_bitmask(matchers, self.host, live_rows)
+                return
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
+            started = threading.Event()
+            self._filling = self._worker.submit(self._fill_rows, matchers, live_rows, started)
+            # Hand the worker the GIL until it is inside xgrammar (which runs without it): else it
+            # would start only when this thread next lets the GIL go, often at finish_fill().
+            started.wait()
+
+    def _fill_rows(self, matchers: list, rows: list[int], started: threading.Event) -> None:
+        started.set()
+        self._batch.batch_fill_next_token_bitmask(matchers, self.host, rows)
 
     def finish_fill(self) -> None:
         """Wait for the fill start_fill() began, if any (its error, if any, raises here)."""
@@ -204,16 +178,6 @@ class BatchBitmask:
         if self._uploading:
             self._uploaded.synchronize()
             self._uploading = False
-
-
-class _FillJob:
-    __slots__ = ("grammars", "rows", "accept", "accepted", "error", "started")
-
-    def __init__(self, grammars: list, rows: list[int], accept) -> None:
-        self.grammars, self.rows, self.accept = grammars, rows, accept
-        self.accepted: list[bool] | None = None
-        self.error: BaseException | None = None
-        self.started = threading.Event()  # the accept is done and the fill is about to start
 
 
 class DeviceMask:
