@@ -156,7 +156,7 @@ class BatchBitmask:
             self._rows_host[:count].copy_(torch.tensor(self._rows, dtype=torch.int32))
             self._rows_device[:count].copy_(self._rows_host[:count], non_blocking=True)
             self._rows_sent = self._rows
-        self._uploaded.record()
+        self._uploaded.record(torch.cuda.current_stream(torch.cuda.current_device()))  # (an index: no device lookup)
         self._uploading = True
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
