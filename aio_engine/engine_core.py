@@ -243,10 +243,10 @@ class EngineCore:
     def _end_by_grammar(self, constrained: list[tuple[Request, int]], accepted: list[bool]) -> None:
         """After the grammars took the step's tokens: a refused token fails its request, a complete
         output ends it ("stop"); requests the step ended otherwise are left as they are."""
-        for (request, token), accepted in zip(constrained, accepted):
+        for (request, token), ok in zip(constrained, accepted):
             if request.status.finished:
                 continue
-            if not accepted:
+            if not ok:
                 logger.error("request %s: token %d breaks its grammar", request.request_id, token)
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
             elif request.grammar.is_terminated:

@@ -93,7 +93,8 @@ def _draw_tokens(logits: torch.Tensor, md: SamplingMetadata, constrain=None) -> 
 class SamplerGraphs:
     """CUDA graphs of _draw_tokens, each for one layout of a step: the addresses, shapes and
     strides of the logits and of every metadata tensor, the metadata's host numbers (the
-    penalty width by bucket), and the grammars' masking when it can be captured (its graph_key). A graph reads its inputs where they were at capture, so a step whose
+    penalty width by bucket), and the grammars' masking when it can be captured (its
+    graph_key). A graph reads its inputs where they were at capture, so a step whose
     tensors all sit at those addresses replays it with whatever they hold now. A layout is
     captured the second step in a row it comes (a steady decode batch), after an eager run has
     compiled the kernels; at most `max_graphs` are kept (the least recently used goes), in one

@@ -99,7 +99,7 @@ def test_final_only_decodes_once_at_the_end_with_the_text_a_stream_gets(slow, to
             processor.add([request], None)
             state = processor.sample_of["r"][1]
             steps = []
-            state.detokenizer.step = lambda t, step=state.detokenizer.step: steps.append(t) or step(t)
+            state.detokenizer.step = lambda t, step=state.detokenizer.step, steps=steps: steps.append(t) or step(t)
             outputs = feed(processor, request, ids, RequestStatus.FINISHED_LENGTH)
             if kind == RequestOutputKind.FINAL_ONLY:
                 assert steps == [] and len(outputs) == 1, "a final-only output was detokenized token by token"
