@@ -104,9 +104,7 @@ class SampleState:
         (token ids) as an incremental decode reads them (the tokenizer's decode of context + tokens,
         less that of the context)."""
         ids = self.request.output_token_ids[first:self.num_tokens_seen]
-        tokenizer = self.detokenizer.tokenizer
-        kw = {"skip_special_tokens": self.request.sampling_params.skip_special_tokens,
-              "clean_up_tokenization_spaces": False}
+        tokenizer, kw = self.detokenizer.tokenizer, self.detokenizer.decode_kwargs
         context = list(context)
         prefix, full = tokenizer.decode(context, **kw), tokenizer.decode(context + ids, **kw)
         return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(ids, **kw)

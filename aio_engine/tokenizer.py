@@ -39,12 +39,15 @@ class IncrementalDetokenizer:
         while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
             context.pop()
         self.context = tuple(context)  # what the first output token is decoded after
+        # What a one-shot decode of the same ids takes to give the same text (SampleState).
+        self.decode_kwargs = {"skip_special_tokens": skip_special_tokens, "clean_up_tokenization_spaces": False}
         if backend is not None:
             from tokenizers.decoders import DecodeStream
 
             self._backend = backend
             self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         else:
+            self.decode_kwargs["spaces_between_special_tokens"] = spaces_between_special_tokens
             self._ids: list[int] = context
             self._prefix_offset = 0
             self._read_offset = len(self._ids)

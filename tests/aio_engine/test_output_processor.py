@@ -82,7 +82,8 @@ def test_abort_flushes_and_reports_abort(tokenizer):
 def test_final_only_decodes_once_at_the_end_with_the_text_a_stream_gets(slow, tokenizer):
     """FINAL_ONLY without stop strings is not detokenized step by step (its text is needed only
     at the end, decoded in one call); that text is the one a token-by-token stream builds, over
-    random ids (byte pieces of cut characters among them) after random prompts."""
+    random ids (byte pieces of cut characters and special tokens among them) after random
+    prompts, with and without skip_special_tokens."""
     import random
 
     tok = SlowOnly(tokenizer) if slow else tokenizer
@@ -90,11 +91,13 @@ def test_final_only_decodes_once_at_the_end_with_the_text_a_stream_gets(slow, to
     vocab = len(tokenizer)
     for trial in range(40):
         prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 9))]
-        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        special = tokenizer.all_special_ids
+        ids = [rng.choice(special) if rng.random() < 0.15 else rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
         texts = {}
         for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
             processor = OutputProcessor(tok, stream_interval=1)
-            params = SamplingParams(max_tokens=len(ids), output_kind=kind, skip_special_tokens=trial % 2 == 0)
+            params = SamplingParams(max_tokens=len(ids), output_kind=kind, skip_special_tokens=trial % 2 == 0,
+                                    spaces_between_special_tokens=trial % 3 != 0)
             request = Request("r", prompt, params)
             processor.add([request], None)
             state = processor.sample_of["r"][1]
