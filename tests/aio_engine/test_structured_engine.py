@@ -145,6 +145,31 @@ def test_a_bitmask_filled_while_the_step_before_finishes_gives_the_tokens_of_one
         assert a.outputs[0].token_ids == b.outputs[0].token_ids, name
 
 
+def test_the_next_fill_runs_while_the_tokens_are_appended_and_the_rows_built(llm, closers, monkeypatch):
+    """With async scheduling the next step's bitmask starts filling before the step's tokens are
+    appended (the grammars take them first), and a late sampling builds its rows and metadata
+    before it waits for that fill: the fill is the constrained step's longest host work."""
+    runner, core = llm.core.runner, llm.core
+    at_update, at_build = [], []
+    update, build = core.scheduler.update_after_step, runner.sampling_metadata.build
+
+    def timed_update(out, tokens, *args, **kwargs):
+        if "bitmask" in vars(runner):
+            at_update.append(runner.bitmask._filling is not None)
+        return update(out, tokens, *args, **kwargs)
+
+    def timed_build(rows, *args, **kwargs):
+        at_build.append("bitmask" in vars(runner) and runner.bitmask._filling is not None)
+        return build(rows, *args, **kwargs)
+
+    monkeypatch.setattr(core.scheduler, "update_after_step", timed_update)
+    monkeypatch.setattr(runner.sampling_metadata, "build", timed_build)
+    outs = run(llm, [constrained(closers, 300 + i, json=SCHEMAS["nested"]) for i in range(4)])
+    for out in outs:
+        validate(SCHEMAS["nested"], finished_text(out))
+    assert sum(at_update) > 10 and sum(at_build) > 10, (sum(at_update), sum(at_build))
+
+
 def test_compact_json_has_no_free_whitespace(llm, closers):
     outs = run(llm, [constrained(closers, s, json=SCHEMAS["nested"]) for s in range(4)])
     for out in outs:
