@@ -437,7 +437,7 @@ class ModelRunner:
         # This step's own fill (start_fill()) runs on while the rows and their metadata are built:
         # it ends before the bitmask's upload, or before a matcher is asked is_completed (min_tokens).
         rows: list[SamplingRow] = []
-        grammars, grammar_rows = [], []  # constrained sequences and their sampling rows
+        grammars, grammar_rows = [], []  # constrained sequences and their sampling rows, to fill here
         scheduled = out.scheduled
         for j, (i, counter) in enumerate(zip(step.sample_rows, step.counters)):
             r = scheduled[i].request
@@ -451,12 +451,13 @@ class ModelRunner:
                 # dropped, and its grammar (terminated, or no longer fed) is left alone.
                 row.banned_ids = ()
             else:
-                if prefilled and r.grammar is not None and r.num_output_tokens < r.sampling_params.min_tokens:
-                    self.bitmask.finish_fill()
-                row.banned_ids = r.banned_token_ids()
                 if r.grammar is not None:
-                    grammars.append(r.grammar)
-                    grammar_rows.append(j)
+                    if not prefilled:  # filled below
+                        grammars.append(r.grammar)
+                        grammar_rows.append(j)
+                    elif r.num_output_tokens < r.sampling_params.min_tokens:
+                        self.bitmask.finish_fill()  # banned_token_ids() asks the matcher
+                row.banned_ids = r.banned_token_ids()
             rows.append(row)
         step.logprobs_wanted = [r.params.logprobs for r in rows]
         md = self.sampling_metadata.build(rows, logits.shape[-1], self.device, self.logprobs_mode,

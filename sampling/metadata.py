@@ -242,17 +242,18 @@ class UploadArena:
 
     def _plan(self, layout: tuple, device: torch.device) -> None:
         self.offsets, size = [], 0
-        for _, dtype, shape in layout:
+        nbytes = [int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in layout]
+        for n in nbytes:
             self.offsets.append(size)
             # 16-byte aligned: every dtype's view, and Triton, which compiles a kernel of its own
             # for a pointer that is not (a batch of another size would compile anew).
-            size += -(-int(np.prod(shape)) * dtype.itemsize // 16) * 16
+            size += -(-n // 16) * 16
         if device != self.device or self.buf.numel() < size:
             grown = 2 * self.buf.numel() if device == self.device else 0
             self.buf = torch.empty(max(size, grown, 64), dtype=torch.uint8, device=device)
         self.layout, self.size, self.device = layout, size, device
-        self.views = {name: self.buf[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(_TORCH[dtype]).view(shape)
-                      for (name, dtype, shape), offset in zip(layout, self.offsets)}
+        self.views = {name: self.buf[offset:offset + n].view(_TORCH[dtype]).view(shape)
+                      for (name, dtype, shape), offset, n in zip(layout, self.offsets, nbytes)}
 
 
 def _pack(buf: np.ndarray, offsets: list[int], arrays) -> None:
@@ -434,8 +435,7 @@ class TokenHistories:
             return None
         self.builds += 1
         last.build = self.builds
-        self.size[last.slots] = ends
-        self.stamp[last.slots] = self.builds
+        self.size[last.slots] = ends  # (no stamp: the next full build stamps what it uses, frees the rest)
         ranges[4] = ends  # (the last upload copied it into a buffer of its own)
         last.longest += 1
         last.width += 1
