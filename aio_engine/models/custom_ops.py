@@ -1,4 +1,4 @@
-"""Our norm, rotary and SiLU-and-mul kernels as opaque torch custom ops (torch.ops.aio_engine.*).
+"""Our norm, rotary, SiLU-and-mul and one-token matmul kernels as opaque torch custom ops (torch.ops.aio_engine.*).
 
 Inside torch.compile without fusion (-O1) the compiled pieces call these: the compiler sees one
 node per kernel, never traces into it, and compiles only the code between them. Each op's body
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels import activation, layernorm, rotary
+from kernels import gemv as gemv_kernels
 
 
 @torch.library.custom_op("aio_engine::rms_norm", mutates_args=())
@@ -57,3 +58,13 @@ def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
 @apply_rotary.register_fake
 def _(positions, query, key, cache):
     return query.new_empty(query.shape), key.new_empty(key.shape)
+
+
+@torch.library.custom_op("aio_engine::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return gemv_kernels.gemv(x, weight, bias)
+
+
+@gemv.register_fake
+def _(x, weight, bias):
+    return x.new_empty(1, weight.shape[0])

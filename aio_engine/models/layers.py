@@ -1,4 +1,4 @@
-"""Building blocks shared by the decoder models: norms, rotary embedding, fused projections.
+"""Building blocks shared by the decoder models: norms, rotary embedding, linear layers (fused projections).
 
 Fused projections (qkv, gate_up) own a `weight_loader` that copies each checkpoint shard into its
 slice, so the loader stacks `q_proj`/`k_proj`/`v_proj` and `gate_proj`/`up_proj` at load time.
@@ -16,6 +16,7 @@ from torch import nn
 
 from kernels import rotary
 from kernels.activation import silu_and_mul, silu_and_mul_reference
+from kernels.gemv import gemv
 from kernels.layernorm import (
     fused_add_rms_norm,
     fused_add_rms_norm_reference,
@@ -74,6 +75,25 @@ class RMSNorm(nn.Module):
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a one-token batch on CUDA runs our GEMV (kernels/gemv.py), which streams the weight
+    8-67% faster than cuBLAS's small-tile GEMMs at batch 1 on the H100. Inside torch.compile the
+    check is on a static token count (the one-token compile); a symbolic count keeps cuBLAS."""
+    rows = x.shape[0]
+    if x.is_cuda and x.dim() == 2 and type(rows) is int and rows == 1 and x.stride(-1) == 1:
+        if torch.compiler.is_compiling():
+            return torch.ops.aio_engine.gemv(x, weight, bias)
+        return gemv(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (same parameters, so checkpoints load unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class FusedLinear(nn.Module):
     """One matmul for several checkpoint projections stacked on the output dim."""
 
@@ -96,7 +116,7 @@ class FusedLinear(nn.Module):
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class GatedMLP(nn.Module):
@@ -105,7 +125,7 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]

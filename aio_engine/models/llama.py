@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 
-from .layers import FusedLinear, GatedMLP, RMSNorm, apply_rotary, rope_cache
+from .layers import FusedLinear, GatedMLP, Linear, RMSNorm, apply_rotary, linear, rope_cache
 
 
 class Attention(nn.Module):
@@ -33,7 +33,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = FusedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.sliding_window = sliding_window_of(config, layer_idx)
@@ -153,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(config, self.qkv_bias or attention_bias, o_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.rope: torch.Tensor | None = None
@@ -178,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> float32 [num_rows, vocab_size]."""
         head = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return nn.functional.linear(hidden, head).float()
+        return linear(hidden, head).float()
 
     def load_weights(self, weights) -> set[str]:
         """Copy (name, tensor) pairs from a checkpoint; return the names of parameters filled."""
