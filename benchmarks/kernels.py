@@ -4,8 +4,8 @@ Memory-bound kernels report bytes moved / time against the measured device-copy 
 (3.0 TB/s on the H100 here); prefill attention reports TFLOP/s beside torch's
 scaled_dot_product_attention (flash backend) on equal shapes. Times are medians of
 triton.testing.do_bench (CUDA events), inputs random, rotated where they would fit in L2;
-"graphed-decode" times small decode batches inside CUDA graphs (do_bench_cudagraph), where
-do_bench would measure the host's launch instead.
+"graphed-decode" (decode attention on ragged batches) and "gemv" (batch-1 linears beside cuBLAS)
+time inside CUDA graphs (do_bench_cudagraph), where do_bench would measure the host's launch.
 
   python benchmarks/kernels.py --json out.json
 """
@@ -37,19 +37,26 @@ def bench(fn, rep: int = 200) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def paged_batch(batch: int, context: int, q_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
+def paged_batch(batch: int, context: int | list[int], q_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 block_size: int = 16, dtype=torch.bfloat16):
-    blocks_per_seq = -(-(context + q_len) // block_size)
-    num_blocks = batch * blocks_per_seq
+    """`batch` requests of `q_len` new tokens after `context` cached ones (one count, or one per request)."""
+    contexts = context if isinstance(context, list) else [context] * batch
+    blocks = [-(-(c + q_len) // block_size) for c in contexts]
+    num_blocks, width = sum(blocks), max(blocks)
     kv = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
-    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+    tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    used = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = perm[used:used + n]
+        used += n
     starts = [i * q_len for i in range(batch + 1)]
-    lens = [context + q_len] * batch
+    lens = [c + q_len for c in contexts]
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(batch * q_len, dtype=torch.int64, device="cuda"),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device="cuda"),
         seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"), block_tables=tables,
-        max_query_len=q_len, max_seq_len=context + q_len, query_start_loc_host=starts, seq_lens_host=lens,
+        max_query_len=q_len, max_seq_len=max(lens), query_start_loc_host=starts, seq_lens_host=lens,
     )
     q = torch.randn(batch * q_len, num_heads, head_dim, device="cuda", dtype=dtype)
     return q, kv, meta
@@ -70,22 +77,58 @@ def decode_attention(rows: list) -> None:
 
 def graphed_decode(rows: list) -> None:
     """Decode attention timed inside CUDA graphs (as the engine's FULL graphs run it: no launch
-    overhead, which dominates do_bench at small batches), at qwen3-0.6b heads, the default
-    decode config beside 64 keys per tile."""
-    from kernels.attention import DECODE_CONFIG, _decode_splits
+    overhead, which dominates do_bench at small batches), qwen3-0.6b heads, ragged contexts as in
+    the throughput workload: the shape's plan (kernels.attention.decode_plan) beside one pass with
+    32-key tiles (the large-batch default before the eleventh session) and the best of a grid."""
+    import random
 
+    from kernels.attention import DECODE_CONFIG, decode_plan
+
+    rng = random.Random(0)
     stream = torch.cuda.Stream()
-    for batch, context in [(1, 600), (8, 2000), (64, 300), (256, 1000)]:
-        q, kv, meta = paged_batch(batch, context - 1, 1, 16, 8, 128)
+    cases = [(1, "600", [599]), (1, "4000", [3999])]
+    cases += [(b, "100-2048", [rng.randint(100, 2048) for _ in range(b)]) for b in (8, 32, 64, 128, 256)]
+    cases += [(b, "1000-4000", [rng.randint(1000, 4000) for _ in range(b)]) for b in (16, 64)]
+    for batch, label, contexts in cases:
+        q, kv, meta = paged_batch(batch, contexts, 1, 16, 8, 128)
         out = torch.empty_like(q)
-        splits = _decode_splits(batch, 8, q.device)
-        for config in (DECODE_CONFIG, (16, 64, 4, 3)):
+        nbytes = 2 * sum(c + 1 for c in contexts) * 8 * 128 * 2
+        splits, tile = decode_plan(batch, 8, q.device)
+
+        def time_it(**kwargs) -> float:
             with torch.cuda.stream(stream):
-                ms = triton.testing.do_bench_cudagraph(
-                    lambda config=config: paged_attention_triton(q, kv, meta, 0.088, out=out, config=config),
-                    rep=50, return_mode="median")
-            add_row(rows, f"decode attention in a CUDA graph, config {config}",
-                    f"{batch}x{context} (16q/8kv, d128, bf16, {splits} splits)", ms, 2 * batch * context * 8 * 128 * 2)
+                return triton.testing.do_bench_cudagraph(
+                    lambda: paged_attention_triton(q, kv, meta, 0.088, out=out, **kwargs), rep=30, return_mode="median")
+
+        shape = f"{batch} x {label} (16q/8kv, d128, bf16)"
+        add_row(rows, f"decode attention in a CUDA graph, plan ({splits} splits, {tile}-key tiles)", shape, time_it(),
+                nbytes)
+        add_row(rows, "same, one pass, 32-key tiles", shape, time_it(num_splits=1, config=DECODE_CONFIG), nbytes)
+        grid = {(s, t): time_it(num_splits=s, config=(16, t, 4, 3), min_split=t) for s in (1, 2, 4, 8, 16, 32)
+                for t in (32, 64) if s * batch <= 512}
+        best = min(grid, key=grid.get)
+        add_row(rows, f"same, best of the grid ({best[0]} splits, {best[1]}-key tiles, no minimum split)", shape,
+                grid[best], nbytes)
+
+
+def gemv(rows: list) -> None:
+    """One-token matmuls (kernels/gemv.py) beside F.linear (cuBLAS) at the models' shapes, each over
+    enough distinct weights to leave L2 (1 GiB a variant), timed inside a CUDA graph."""
+    from kernels.gemv import gemv_triton
+
+    shapes = {"llama-3.1-8b qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+              "lm_head": (128256, 4096), "qwen3-0.6b qkv": (4096, 1024), "o ": (1024, 2048),
+              "gate_up ": (6144, 1024), "down ": (1024, 3072), "lm_head ": (151936, 1024)}
+    stream = torch.cuda.Stream()
+    for name, (n, k) in shapes.items():
+        copies = max(2, min(64, (1 << 30) // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for label, fn in (("cuBLAS (F.linear)", torch.nn.functional.linear), ("Triton GEMV", gemv_triton)):
+            with torch.cuda.stream(stream):
+                ms = triton.testing.do_bench_cudagraph(lambda fn=fn: [fn(x, w) for w in weights], rep=50,
+                                                       return_mode="median") / copies
+            add_row(rows, f"batch-1 linear, {label}", f"{name.strip()} {n}x{k} bf16", ms, n * k * 2)
 
 
 def prefill_attention(rows: list) -> None:
@@ -168,10 +211,11 @@ def add_row(rows: list, name: str, shape: str, ms: float, nbytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--only", choices=["decode", "graphed-decode", "prefill", "elementwise", "sweep"])
+    parser.add_argument("--only", choices=["decode", "graphed-decode", "gemv", "prefill", "elementwise", "sweep"])
     args = parser.parse_args()
     rows: list = []
-    for name, fn in (("decode", decode_attention), ("graphed-decode", graphed_decode), ("prefill", prefill_attention),
+    for name, fn in (("decode", decode_attention), ("graphed-decode", graphed_decode), ("gemv", gemv),
+                     ("prefill", prefill_attention),
                      ("elementwise", elementwise), ("sweep", sweep)):
         if args.only == name or (args.only is None and name != "sweep"):
             fn(rows)

@@ -192,7 +192,7 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, hi, window, table, k_cache_ptr, v_cache
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    scale_log2, num_seqs, window,
+    scale_log2, num_seqs, window, min_split_tiles,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_mt, stride_mh,
     stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -231,7 +231,9 @@ def _paged_attention_kernel(
     lo = tl.maximum(first_pos - window + 1, 0)
     lo = (lo // TILE_N) * TILE_N
     if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tl.cdiv(hi - lo, TILE_N), NUM_SPLITS) * TILE_N
+        # Segments of at least min_split_tiles tiles: a short context fills fewer splits (the rest
+        # store empty partials), so a graph's fixed split count does not cut short ones into crumbs.
+        per_split = tl.maximum(tl.cdiv(tl.cdiv(hi - lo, TILE_N), NUM_SPLITS), min_split_tiles) * TILE_N
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
@@ -290,22 +292,28 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Segments per context so that a decode batch has about two programs per SM (a power of two)."""
+def decode_plan(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per tile) of a decode batch, from its shape alone (a CUDA graph replays one
+    plan for every context length): about 16 programs per SM (sequences x KV heads x splits; splits
+    a power of two up to 32), 64-key tiles once there are 192 (sequence, KV head) rows, 32 below.
+    Each split covers at least DECODE_MIN_SPLIT keys. Measured on ragged batches on the H100 with
+    contexts uniform in 100-600, 100-2048 and 1000-4000 (benchmarks/RESULTS.md, eleventh session)."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    want = (2 * sms) // max(1, num_seqs * num_kv_heads)
-    return 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
+    rows = max(1, num_seqs * num_kv_heads)
+    want = (16 * sms) // rows
+    splits = 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
+    return splits, 64 if rows >= 192 else 32
 
 
-# (rows per program, keys per tile, warps, pipeline stages) for batches with and without prefill.
-# Decode: 32 keys per tile measured 3-10% faster than 64 on the H100 from 64 x 300 to 64 x 4096
-# (qwen3-0.6b and llama-3.1-8b heads; benchmarks/RESULTS.md, fourth session).
+# (rows per program, keys per tile, warps, pipeline stages) for batches with and without prefill;
+# a decode batch's keys per tile come from decode_plan.
 DECODE_CONFIG = (16, 32, 4, 3)
 PREFILL_CONFIG = (128, 32, 4, 3)
+DECODE_MIN_SPLIT = 128  # keys
 
 
 def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None,
-                           config: tuple[int, int, int, int] | None = None):
+                           config: tuple[int, int, int, int] | None = None, min_split: int = DECODE_MIN_SPLIT):
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -317,12 +325,14 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
         return out
     decode = meta.max_query_len == 1
     block_m, tile_n, warps, stages = config or (DECODE_CONFIG if decode else PREFILL_CONFIG)
+    splits = 1
+    if decode:
+        plan_splits, plan_tile = decode_plan(num_seqs, num_kv_heads, query.device)
+        splits = plan_splits if num_splits is None else num_splits
+        tile_n = tile_n if config else plan_tile
     if head_dim > 128:
         block_m = min(block_m, 64)
     block_q = max(1, block_m // group_p)
-    splits = 1
-    if decode:
-        splits = _decode_splits(num_seqs, num_kv_heads, query.device) if num_splits is None else num_splits
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     window = sliding_window if sliding_window else 1 << 30
@@ -336,7 +346,7 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
         target, strides = out, (out.stride(0), out.stride(1), 0)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, target, m, sums, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale * 1.4426950408889634, num_seqs, window,
+        scale * 1.4426950408889634, num_seqs, window, triton.cdiv(min_split, tile_n),
         query.stride(0), query.stride(1), *strides, m.stride(0) if splits > 1 else 0, m.stride(1) if splits > 1 else 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
