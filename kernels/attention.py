@@ -8,8 +8,8 @@ attend causally to their cached prefix plus themselves) and decode rows (one tok
 On CUDA one Triton kernel handles the whole flat batch: each program takes a tile of one
 request's query tokens times the query heads of one KV head (GQA), walks that request's KV blocks
 through its block table with an online softmax, and writes the tile's output. Decode batches use
-small tiles and, when there are too few programs to fill the GPU, split each context into
-segments reduced by a second kernel (flash-decoding). Elsewhere the plain-torch reference runs.
+small tiles and split each context into segments reduced by a second kernel (flash-decoding),
+as many as their shape needs to spread ragged contexts evenly over the SMs (`decode_plan`). Elsewhere the plain-torch reference runs.
 Nothing in the launch depends on device values, so the launch can be captured in a CUDA graph.
 """
 
@@ -296,7 +296,7 @@ def decode_plan(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple
     """(splits, keys per tile) of a decode batch, from its shape alone (a CUDA graph replays one
     plan for every context length): about 16 programs per SM (sequences x KV heads x splits; splits
     a power of two up to 32), 64-key tiles once there are 192 (sequence, KV head) rows, 32 below.
-    Each split covers at least DECODE_MIN_SPLIT keys. Measured on ragged batches on the H100 with
+    Each split covers at least two tiles. Measured on ragged batches on the H100 with
     contexts uniform in 100-600, 100-2048 and 1000-4000 (benchmarks/RESULTS.md, eleventh session)."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
     rows = max(1, num_seqs * num_kv_heads)
@@ -309,11 +309,11 @@ def decode_plan(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple
 # a decode batch's keys per tile come from decode_plan.
 DECODE_CONFIG = (16, 32, 4, 3)
 PREFILL_CONFIG = (128, 32, 4, 3)
-DECODE_MIN_SPLIT = 128  # keys
+DECODE_MIN_SPLIT_TILES = 2
 
 
 def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None,
-                           config: tuple[int, int, int, int] | None = None, min_split: int = DECODE_MIN_SPLIT):
+                           config: tuple[int, int, int, int] | None = None, min_split: int | None = None):
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -333,6 +333,7 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
     if head_dim > 128:
         block_m = min(block_m, 64)
     block_q = max(1, block_m // group_p)
+    min_split_tiles = DECODE_MIN_SPLIT_TILES if min_split is None else triton.cdiv(min_split, tile_n)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     window = sliding_window if sliding_window else 1 << 30
@@ -346,7 +347,7 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
         target, strides = out, (out.stride(0), out.stride(1), 0)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, target, m, sums, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale * 1.4426950408889634, num_seqs, window, triton.cdiv(min_split, tile_n),
+        scale * 1.4426950408889634, num_seqs, window, min_split_tiles,
         query.stride(0), query.stride(1), *strides, m.stride(0) if splits > 1 else 0, m.stride(1) if splits > 1 else 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),

@@ -50,14 +50,14 @@ def default_config(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [1, K] (contiguous last dim), weight [N, K] row-major -> [1, N] in x's dtype."""
+                config: tuple[int, int, int, int] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] (contiguous last dim), weight [N, K] row-major -> [1, N] in out_dtype (x's by default)."""
     n, k = weight.shape
     if x.shape != (1, k) or weight.stride(1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"gemv takes x [1, {k}] and a row-major weight; got {tuple(x.shape)}, strides {weight.stride()}")
     block_n, block_k, warps, stages = config or default_config(n, k)
     block_k = min(block_k, triton.next_power_of_2(k))
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)

@@ -16,7 +16,7 @@ from torch import nn
 
 from kernels import rotary
 from kernels.activation import silu_and_mul, silu_and_mul_reference
-from kernels.gemv import gemv
+from kernels.gemv import gemv, gemv_triton
 from kernels.layernorm import (
     fused_add_rms_norm,
     fused_add_rms_norm_reference,
@@ -85,6 +85,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return torch.ops.aio_engine.gemv(x, weight, bias)
         return gemv(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
+
+
+def logits_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T in float32 (the logits). On CUDA the matmul writes its float32 accumulator
+    directly (one kernel, no bf16 round trip: a batch-256 step's 233 MB copy on Qwen3's vocabulary)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2 and x.stride(-1) == 1:
+        if x.shape[0] == 1:
+            return gemv_triton(x, weight, out_dtype=torch.float32)
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return linear(x, weight).float()
 
 
 class Linear(nn.Linear):

@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv
 
-from .layers import FusedLinear, GatedMLP, Linear, RMSNorm, apply_rotary, linear, rope_cache
+from .layers import FusedLinear, GatedMLP, Linear, RMSNorm, apply_rotary, logits_linear, rope_cache
 
 
 class Attention(nn.Module):
@@ -178,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> float32 [num_rows, vocab_size]."""
         head = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, head).float()
+        return logits_linear(hidden, head)
 
     def load_weights(self, weights) -> set[str]:
         """Copy (name, tensor) pairs from a checkpoint; return the names of parameters filled."""

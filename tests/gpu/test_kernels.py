@@ -250,3 +250,18 @@ def test_model_linears_take_the_gemv_for_one_token_eager_and_compiled(monkeypatc
         many = x.clone()
         torch._dynamo.mark_dynamic(many, 0)
         assert rel_err(compiled(many), ref) < 1e-2 and launches == [1, 1]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 256])
+def test_logits_come_out_of_the_matmul_in_float32(rows):
+    """No bf16 rounding of the logits: closer to the float32 product than bf16 logits are."""
+    from aio_engine.models.layers import logits_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    hidden = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+    head = torch.randn(151936, 1024, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.05
+    out = logits_linear(hidden, head)
+    ref = hidden.double() @ head.double().t()
+    rounded = torch.nn.functional.linear(hidden, head).double()
+    assert out.dtype == torch.float32 and out.shape == (rows, 151936)
+    assert (out.double() - ref).abs().max() < 0.5 * (rounded - ref).abs().max()
