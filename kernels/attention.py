@@ -9,8 +9,9 @@ On CUDA one Triton kernel handles the whole flat batch: each program takes a til
 request's query tokens times the query heads of one KV head (GQA), walks that request's KV blocks
 through its block table with an online softmax, and writes the tile's output. Decode batches use
 small tiles and split each context into segments reduced by a second kernel (flash-decoding),
-as many as their shape needs to spread ragged contexts evenly over the SMs (`decode_plan`). Elsewhere the plain-torch reference runs.
-Nothing in the launch depends on device values, so the launch can be captured in a CUDA graph.
+as many as their shape needs to spread ragged contexts evenly over the SMs (`decode_plan`).
+Elsewhere the plain-torch reference runs. Nothing in the launch depends on device values, so the
+launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -292,24 +293,25 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_plan(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys per tile) of a decode batch, from its shape alone (a CUDA graph replays one
-    plan for every context length): about 16 programs per SM (sequences x KV heads x splits; splits
-    a power of two up to 32), 64-key tiles once there are 192 (sequence, KV head) rows, 32 below.
-    Each split covers at least two tiles. Measured on ragged batches on the H100 with
-    contexts uniform in 100-600, 100-2048 and 1000-4000 (benchmarks/RESULTS.md, eleventh session)."""
+def decode_plan(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int, int]:
+    """(splits, keys per tile, least tiles a split covers) of a decode batch, from its shape alone
+    (a CUDA graph replays one plan for every context length). Rows are (sequence, KV head) pairs.
+    From 128 rows: about 16 programs per SM, splits of at least two tiles, 64-key tiles from 192
+    rows; below, about 4 programs per SM (short splits cost more than they spread), and under 64
+    rows (a few sequences, latency-bound) splits down to one tile. Splits are a power of two up to
+    32. Measured on ragged batches on the H100, contexts uniform in 100-600, 100-2048 and 1000-4000
+    (benchmarks/RESULTS.md, eleventh session)."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
     rows = max(1, num_seqs * num_kv_heads)
-    want = (16 * sms) // rows
+    want = ((16 if rows >= 128 else 4) * sms) // rows
     splits = 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
-    return splits, 64 if rows >= 192 else 32
+    return splits, 64 if rows >= 192 else 32, 2 if rows >= 64 else 1
 
 
 # (rows per program, keys per tile, warps, pipeline stages) for batches with and without prefill;
 # a decode batch's keys per tile come from decode_plan.
 DECODE_CONFIG = (16, 32, 4, 3)
 PREFILL_CONFIG = (128, 32, 4, 3)
-DECODE_MIN_SPLIT_TILES = 2
 
 
 def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, out=None, num_splits=None,
@@ -325,15 +327,16 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
         return out
     decode = meta.max_query_len == 1
     block_m, tile_n, warps, stages = config or (DECODE_CONFIG if decode else PREFILL_CONFIG)
-    splits = 1
+    splits, min_split_tiles = 1, 1
     if decode:
-        plan_splits, plan_tile = decode_plan(num_seqs, num_kv_heads, query.device)
+        plan_splits, plan_tile, min_split_tiles = decode_plan(num_seqs, num_kv_heads, query.device)
         splits = plan_splits if num_splits is None else num_splits
         tile_n = tile_n if config else plan_tile
     if head_dim > 128:
         block_m = min(block_m, 64)
     block_q = max(1, block_m // group_p)
-    min_split_tiles = DECODE_MIN_SPLIT_TILES if min_split is None else triton.cdiv(min_split, tile_n)
+    if min_split is not None:
+        min_split_tiles = triton.cdiv(min_split, tile_n)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     window = sliding_window if sliding_window else 1 << 30
