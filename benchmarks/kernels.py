@@ -93,7 +93,7 @@ def graphed_decode(rows: list) -> None:
         q, kv, meta = paged_batch(batch, contexts, 1, 16, 8, 128)
         out = torch.empty_like(q)
         nbytes = 2 * sum(c + 1 for c in contexts) * 8 * 128 * 2
-        splits, tile, _ = decode_plan(batch, 8, q.device)
+        splits, tile, _ = decode_plan(batch, 8)
 
         def time_it(**kwargs) -> float:
             with torch.cuda.stream(stream):

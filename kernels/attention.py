@@ -16,7 +16,6 @@ launch can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -288,24 +287,20 @@ def _reduce_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, stride_pt, stride_ph,
              mask=offs_d < HEAD_DIM)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def decode_plan(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int, int]:
+def decode_plan(num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
     """(splits, keys per tile, least tiles a split covers) of a decode batch, from its shape alone
     (a CUDA graph replays one plan for every context length). Rows are (sequence, KV head) pairs.
-    From 128 rows: about 16 programs per SM, splits of at least two tiles, 64-key tiles from 192
-    rows; below, about 4 programs per SM (short splits cost more than they spread), and under 64
-    rows (a few sequences, latency-bound) splits down to one tile. Splits are a power of two up to
-    32. Measured on ragged batches on the H100, contexts uniform in 100-600, 100-2048 and 1000-4000
-    (benchmarks/RESULTS.md, eleventh session)."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    Over 64 rows: about 2048 programs (~16 per SM of the H100), splits of at least two tiles,
+    64-key tiles over 128 rows; up to 64 rows about 512 programs (short splits cost more than they
+    spread), and up to 32 rows (a few sequences, latency-bound) splits down to one tile. Splits are
+    a power of two up to 32. Every threshold falls between a power of two and the next count, so a
+    batch padded to a CUDA-graph size (1, 2, 4, 8, then multiples of 8) runs the plan of its own
+    size: graphed and eager steps add in the same order. Measured on ragged batches on the H100,
+    contexts uniform in 100-600, 100-2048 and 1000-4000 (benchmarks/RESULTS.md, eleventh session)."""
     rows = max(1, num_seqs * num_kv_heads)
-    want = ((16 if rows >= 128 else 4) * sms) // rows
+    want = (2048 if rows > 64 else 512) // rows
     splits = 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
-    return splits, 64 if rows >= 192 else 32, 2 if rows >= 64 else 1
+    return splits, 64 if rows > 128 else 32, 2 if rows > 32 else 1
 
 
 # (rows per program, keys per tile, warps, pipeline stages) for batches with and without prefill;
@@ -329,7 +324,7 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
     block_m, tile_n, warps, stages = config or (DECODE_CONFIG if decode else PREFILL_CONFIG)
     splits, min_split_tiles = 1, 1
     if decode:
-        plan_splits, plan_tile, min_split_tiles = decode_plan(num_seqs, num_kv_heads, query.device)
+        plan_splits, plan_tile, min_split_tiles = decode_plan(num_seqs, num_kv_heads)
         splits = plan_splits if num_splits is None else num_splits
         tile_n = tile_n if config else plan_tile
     if head_dim > 128:

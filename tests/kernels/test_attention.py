@@ -155,3 +155,18 @@ def test_write_kv_skips_padding_slots(impl):
     written = torch.zeros(12, dtype=torch.bool)
     written[[0, 5]] = True
     assert flat[:, ~written].isnan().all()
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8, 16])
+def test_decode_plan_of_a_batch_is_the_plan_of_its_cuda_graph_size(num_kv_heads):
+    """A decode batch padded to the next capture size (1, 2, 4, 8, then multiples of 8) gets the
+    plan of its own size, so graphed and eager steps of the same requests add in the same order."""
+    from kernels.attention import decode_plan
+
+    sizes = [1, 2, 4, 8] + list(range(16, 1025, 8))
+    plans = set()
+    for n in range(1, 1025):
+        padded = next(s for s in sizes if s >= n)
+        assert decode_plan(n, num_kv_heads) == decode_plan(padded, num_kv_heads), (n, padded)
+        plans.add(decode_plan(n, num_kv_heads))
+    assert len(plans) >= 5  # the plan does change with the batch
