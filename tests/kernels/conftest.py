@@ -38,3 +38,12 @@ def require_dtype(impl, dtype: torch.dtype) -> None:
     """Triton's interpreter computes through numpy, which has no bfloat16."""
     if impl.name == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("bfloat16 Triton kernels need a GPU (the interpreter has no bfloat16); tests/gpu covers them")
+
+
+def kernel_device() -> torch.device:
+    """CUDA where there is one; else CPU under TRITON_INTERPRET=1 (the test is skipped without it)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    return torch.device("cpu")

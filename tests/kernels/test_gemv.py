@@ -3,21 +3,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from kernels.gemv import gemv, gemv_reference, gemv_triton
-
-
-def kernel_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
-    return torch.device("cpu")
-
+from tests.kernels.conftest import kernel_device
 
 # (N, K, config): N not a multiple of the rows a program takes, K not a multiple of its columns,
 # several column blocks per program, and the default config.

@@ -5,7 +5,6 @@ one), the references follow the formulas, and the noise is Gumbel, a pure functi
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -18,17 +17,10 @@ from kernels.sampling import (
     gumbel_argmax_triton,
     gumbel_noise_reference,
 )
+from tests.kernels.conftest import kernel_device
 from tests.sampling.reference import chi_square_p_value, penalized
 
 EULER_GAMMA = 0.5772156649015329
-
-
-def kernel_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
-    return torch.device("cpu")
 
 
 def random_inputs(rows: int, vocab: int, seed: int, device: torch.device):
