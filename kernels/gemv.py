@@ -43,8 +43,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.conste
 
 
 def default_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Four rows of 1024 columns a program was within 3% of
-    the best of 96 configs at each llama-3.1-8b and qwen3-0.6b shape on the H100; eight warps pay
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Four rows of 1024 columns a program came within 4%
+    of the best of 24 configs at each llama-3.1-8b and qwen3-0.6b shape on the H100; eight warps pay
     for long rows and for few programs (benchmarks/RESULTS.md, eleventh session)."""
     return 4, 1024, 8 if k > 4096 or n < 4096 else 4, 2
 
