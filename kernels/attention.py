@@ -289,15 +289,16 @@ def _reduce_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, stride_pt, stride_ph,
 
 def decode_plan(num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
     """(splits, keys per tile, least tiles a split covers) of a decode batch, from its shape alone
-    (a CUDA graph replays one plan for every context length). Rows are (sequence, KV head) pairs.
+    (a CUDA graph replays one plan for every context length). Rows are (sequence, KV head) pairs,
+    counted with the sequences rounded up to a power of two: a batch and the CUDA-graph size it is
+    padded to (never past that power of two while the capture grid holds the powers of two) share
+    a plan, so graphed and eager steps add in the same order, whatever the head count.
     Over 64 rows: about 2048 programs (~16 per SM of the H100), splits of at least two tiles,
     64-key tiles over 128 rows; up to 64 rows about 512 programs (short splits cost more than they
     spread), and up to 32 rows (a few sequences, latency-bound) splits down to one tile. Splits are
-    a power of two up to 32. Every threshold falls between a power of two and the next count, so a
-    batch padded to a CUDA-graph size (1, 2, 4, 8, then multiples of 8) runs the plan of its own
-    size: graphed and eager steps add in the same order. Measured on ragged batches on the H100,
-    contexts uniform in 100-600, 100-2048 and 1000-4000 (benchmarks/RESULTS.md, eleventh session)."""
-    rows = max(1, num_seqs * num_kv_heads)
+    a power of two up to 32. Measured on ragged batches on the H100, contexts uniform in 100-600,
+    100-2048 and 1000-4000 (benchmarks/RESULTS.md, eleventh session)."""
+    rows = (1 << max(0, num_seqs - 1).bit_length()) * max(1, num_kv_heads)
     want = (2048 if rows > 64 else 512) // rows
     splits = 1 if want < 2 else min(32, 1 << (want.bit_length() - 1))
     return splits, 64 if rows > 128 else 32, 2 if rows > 32 else 1

@@ -78,9 +78,10 @@ class RMSNorm(nn.Module):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; a one-token batch on CUDA runs our GEMV (kernels/gemv.py), which streams the weight
     8-76% faster than cuBLAS's small-tile GEMMs at batch 1 on the H100. Inside torch.compile the
-    check is on a static token count (the one-token compile); a symbolic count keeps cuBLAS."""
-    rows = x.shape[0]
-    if x.is_cuda and x.dim() == 2 and type(rows) is int and rows == 1 and x.stride(-1) == 1:
+    one-token compile sees the static count 1; the dynamic compile's symbolic count ranges from 2
+    (mark_dynamic), so `== 1` is false there without a guard and cuBLAS stays."""
+    if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and weight.stride(-1) == 1
+            and x.dtype == weight.dtype):
         if torch.compiler.is_compiling():
             return torch.ops.aio_engine.gemv(x, weight, bias)
         return gemv(x, weight, bias)
@@ -90,7 +91,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def logits_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T in float32 (the logits). On CUDA the matmul writes its float32 accumulator
     directly (one kernel, no bf16 round trip: a batch-256 step's 233 MB copy on Qwen3's vocabulary)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2 and x.stride(-1) == 1:
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype and x.dim() == 2
+            and x.stride(-1) == 1 and weight.stride(-1) == 1):
         if x.shape[0] == 1:
             return gemv_triton(x, weight, out_dtype=torch.float32)
         return torch.mm(x, weight.t(), out_dtype=torch.float32)

@@ -43,6 +43,19 @@ def test_gemv_reads_a_row_of_a_larger_batch_and_weight_slices():
     torch.testing.assert_close(out, gemv_reference(batch[1:2], stacked[8:30]), atol=1e-4, rtol=1e-4)
 
 
+def test_gemv_writes_float32_from_half_inputs():
+    """out_dtype=float32 (the logits): the accumulator itself, closer to the exact product than the
+    product rounded to half precision is."""
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 300, generator=gen).half().to(device)
+    weight = torch.randn(70, 300, generator=gen).half().to(device)
+    out = gemv_triton(x, weight, None, (4, 64, 4, 2), out_dtype=torch.float32)
+    exact = x.double() @ weight.double().t()
+    assert out.dtype == torch.float32
+    assert (out.double() - exact).abs().max() < 0.25 * (exact.half().double() - exact).abs().max()
+
+
 def test_gemv_rejects_more_than_one_row_and_column_major_weights():
     x, weight = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="gemv takes x"):
