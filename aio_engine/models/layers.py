@@ -75,13 +75,19 @@ class RMSNorm(nn.Module):
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def _cuda_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Rows of x against a weight of its dtype on CUDA, both row-major: our GEMV (and mm's
+    out_dtype) take them as they are."""
+    return (x.is_cuda and x.dim() == 2 and x.dtype == weight.dtype and x.stride(-1) == 1
+            and weight.stride(-1) == 1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; a one-token batch on CUDA runs our GEMV (kernels/gemv.py), which streams the weight
     8-76% faster than cuBLAS's small-tile GEMMs at batch 1 on the H100. Inside torch.compile the
     one-token compile sees the static count 1; the dynamic compile's symbolic count ranges from 2
     (mark_dynamic), so `== 1` is false there without a guard and cuBLAS stays."""
-    if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and weight.stride(-1) == 1
-            and x.dtype == weight.dtype):
+    if x.shape[0] == 1 and _cuda_rows(x, weight):
         if torch.compiler.is_compiling():
             return torch.ops.aio_engine.gemv(x, weight, bias)
         return gemv(x, weight, bias)
@@ -91,8 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def logits_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T in float32 (the logits). On CUDA the matmul writes its float32 accumulator
     directly (one kernel, no bf16 round trip: a batch-256 step's 233 MB copy on Qwen3's vocabulary)."""
-    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype and x.dim() == 2
-            and x.stride(-1) == 1 and weight.stride(-1) == 1):
+    if x.dtype in (torch.bfloat16, torch.float16) and _cuda_rows(x, weight):
         if x.shape[0] == 1:
             return gemv_triton(x, weight, out_dtype=torch.float32)
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
