@@ -89,11 +89,12 @@ def graphed_decode(rows: list) -> None:
     cases = [(1, "600", [599]), (1, "4000", [3999])]
     cases += [(b, "100-2048", [rng.randint(100, 2048) for _ in range(b)]) for b in (8, 32, 64, 128, 256)]
     cases += [(b, "1000-4000", [rng.randint(1000, 4000) for _ in range(b)]) for b in (16, 64)]
+    cases += [(b, "50-400", [rng.randint(50, 400) for _ in range(b)]) for b in (16, 64, 128, 256)]
     for batch, label, contexts in cases:
         q, kv, meta = paged_batch(batch, contexts, 1, 16, 8, 128)
         out = torch.empty_like(q)
         nbytes = 2 * sum(c + 1 for c in contexts) * 8 * 128 * 2
-        splits, tile, _ = decode_plan(batch, 8)
+        splits, tile, min_tiles = decode_plan(batch, 8)
 
         def time_it(**kwargs) -> float:
             with torch.cuda.stream(stream):
@@ -103,6 +104,8 @@ def graphed_decode(rows: list) -> None:
         shape = f"{batch} x {label} (16q/8kv, d128, bf16)"
         add_row(rows, f"decode attention in a CUDA graph, plan ({splits} splits, {tile}-key tiles)", shape, time_it(),
                 nbytes)
+        add_row(rows, f"same, splits of at least {4 * tile} keys (the plan's: {min_tiles * tile})", shape,
+                time_it(min_split=4 * tile), nbytes)
         add_row(rows, "same, one pass, 32-key tiles", shape, time_it(num_splits=1, config=DECODE_CONFIG), nbytes)
         grid = {(s, t): time_it(num_splits=s, config=(16, t, 4, 3), min_split=t) for s in (1, 2, 4, 8, 16, 32)
                 for t in (32, 64) if s * batch <= 512}

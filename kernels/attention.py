@@ -8,8 +8,9 @@ attend causally to their cached prefix plus themselves) and decode rows (one tok
 On CUDA one Triton kernel handles the whole flat batch: each program takes a tile of one
 request's query tokens times the query heads of one KV head (GQA), walks that request's KV blocks
 through its block table with an online softmax, and writes the tile's output. Decode batches use
-small tiles and split each context into segments reduced by a second kernel (flash-decoding),
-as many as their shape needs to spread ragged contexts evenly over the SMs (`decode_plan`).
+small tiles and split each context into segments (flash-decoding), as many as their shape needs
+to spread ragged contexts evenly over the SMs (`decode_plan`); the last segment of a row to finish
+combines them, in a fixed order (an atomic arrival count, no second kernel).
 Elsewhere the plain-torch reference runs. Nothing in the launch depends on device values, so the
 launch can be captured in a CUDA graph.
 """
@@ -186,29 +187,52 @@ def _attend(acc, m_i, l_i, q, q_pos, lo, hi, window, table, k_cache_ptr, v_cache
     return acc, m_i, l_i
 
 
+@triton.jit
+def _split_share(lo, hi, min_split_tiles, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """(keys a split covers, splits used) for keys [lo, hi): the tiles spread over NUM_SPLITS
+    splits, at least min_split_tiles tiles each."""
+    tiles = tl.cdiv(hi - lo, TILE_N)
+    per_split = tl.maximum(tl.cdiv(tiles, NUM_SPLITS), min_split_tiles)
+    return per_split * TILE_N, tl.cdiv(tiles, per_split)
+
+
+@triton.jit
+def _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, acc, l_i, mask):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # The batch's sequence count and block-table width change every step: specializing on them
 # (== 1, divisible by 16) would compile new variants in the middle of serving.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, m_ptr, l_ptr, counter_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
     scale_log2, num_seqs, window, min_split_tiles,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_mt, stride_mh,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh,
     stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr,
 ):
-    # Last tiles first: under the causal mask they have the most keys, so the tail of the grid is short.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    q_tile = tile - (q_start // BLOCK_Q + seq)
-    if q_tile * BLOCK_Q >= q_len:
-        return
+    if DECODE:
+        # One query token per sequence, token i of sequence i: a program per sequence, no search.
+        seq = tl.program_id(0)
+        q_start = seq
+        q_len = 1
+        q_tile = 0
+    else:
+        # Last tiles first: under the causal mask they have the most keys, so the tail of the grid is short.
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq = _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q)
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        q_tile = tile - (q_start // BLOCK_Q + seq)
+        if q_tile * BLOCK_Q >= q_len:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len  # tokens cached before this step
 
@@ -222,8 +246,6 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     token = (q_start + q_idx).to(tl.int64)
-    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     # Keys this tile attends to: [lo, hi), then this program's share of whole TILE_N tiles.
     first_pos = context + q_tile * BLOCK_Q
@@ -231,12 +253,17 @@ def _paged_attention_kernel(
     lo = tl.maximum(first_pos - window + 1, 0)
     lo = (lo // TILE_N) * TILE_N
     if NUM_SPLITS > 1:
-        # Segments of at least min_split_tiles tiles: a short context fills fewer splits (the rest
-        # store empty partials), so a graph's fixed split count does not cut short ones into crumbs.
-        per_split = tl.maximum(tl.cdiv(tl.cdiv(hi - lo, TILE_N), NUM_SPLITS), min_split_tiles) * TILE_N
+        # Segments of at least min_split_tiles tiles: a short context fills fewer splits, so a
+        # graph's fixed split count does not cut short ones into crumbs. Unused splits stop here
+        # (nothing stored); a context one split covers is finished by it (no reduction).
+        per_split, used = _split_share(lo, hi, min_split_tiles, TILE_N, NUM_SPLITS)
+        if split >= used:
+            return
         lo = lo + split * per_split
         hi = tl.minimum(hi, lo + per_split)
 
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -255,36 +282,50 @@ def _paged_attention_kernel(
                                 stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2,
                                 BLOCK_SIZE, TILE_N, True, DOT_PRECISION)
 
-    out_rows = token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     store_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + out_rows, out.to(out_ptr.dtype.element_ty), mask=store_mask)
-    else:  # unnormalized partials, reduced by _reduce_splits_kernel
-        tl.store(out_ptr + out_rows + split * stride_os, acc, mask=store_mask)
-        ml = token * stride_mt + head * stride_mh + split
-        tl.store(m_ptr + ml, m_i, mask=row_ok)
-        tl.store(l_ptr + ml, l_i, mask=row_ok)
+        _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, acc, l_i, store_mask)
+    elif used == 1:
+        _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, acc, l_i, store_mask)
+    else:
+        # Unnormalized partials; the row's last split to arrive (an atomic count, acq_rel: the
+        # others' stores are visible to it) combines them in split order and resets the count
+        # for the next launch. No second kernel.
+        parts = part_ptr + token[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
+        tl.store(parts + split * stride_ps, acc, mask=store_mask)
+        ml = m_ptr + token * stride_mt + head * stride_mh
+        ll = l_ptr + token * stride_mt + head * stride_mh
+        tl.store(ml + split, m_i, mask=row_ok)
+        tl.store(ll + split, l_i, mask=row_ok)
+        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
+            m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for s in range(0, used):
+                m_max = tl.maximum(m_max, tl.load(ml + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+            total = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            denom = tl.zeros([BLOCK_M], tl.float32)
+            for s in range(0, used):
+                w = tl.exp2(tl.load(ml + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_max)
+                denom += w * tl.load(ll + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+                total += w[:, None] * tl.load(parts + s * stride_ps, mask=store_mask, other=0.0, cache_modifier=".cg")
+            _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, total, denom, store_mask)
+            tl.atomic_xchg(counter, 0)
 
 
-@triton.jit
-def _reduce_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh,
-                          stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = tl.load(m_ptr + token * stride_mt + head * stride_mh + splits)
-    sums = tl.load(l_ptr + token * stride_mt + head * stride_mh + splits)
-    m_max = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
-    denom = tl.sum(sums * w, 0)
-    part = tl.load(part_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + offs_d[None, :],
-                   mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    out = tl.sum(part * w[:, None], 0) / denom
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-(sequence, KV head) arrival counts of a split decode launch, zero between launches (the
+    last split of each row resets its own). One buffer per device, made before any graph capture
+    needs it (the first split launch, eager, sizes it for 65,536 rows)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"split-decode counters for {n} rows must exist before CUDA-graph capture")
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return buf
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
@@ -334,32 +375,29 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
     if min_split is not None:
         min_split_tiles = triton.cdiv(min_split, tile_n)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    # A decode batch's sequence i is its token i: one program per sequence. Otherwise a request's
+    # query tiles start at query_start[i] // block_q + i, an over-count the kernel searches.
+    grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads, splits)
     window = sliding_window if sliding_window else 1 << 30
     if splits > 1:
         part = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         m = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=query.device)
         sums = torch.empty_like(m)
-        target, strides = part, (part.stride(0), part.stride(1), part.stride(2))
+        part_strides, m_strides = (part.stride(0), part.stride(1), part.stride(2)), (m.stride(0), m.stride(1))
+        counters = _split_counters(query.device, num_seqs * num_kv_heads)
     else:
-        m = sums = out
-        target, strides = out, (out.stride(0), out.stride(1), 0)
+        part = m = sums = counters = out
+        part_strides, m_strides = (0, 0, 0), (0, 0)
     _paged_attention_kernel[grid](
-        query, k_cache, v_cache, target, m, sums, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        query, k_cache, v_cache, out, part, m, sums, counters, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         scale * 1.4426950408889634, num_seqs, window, min_split_tiles,
-        query.stride(0), query.stride(1), *strides, m.stride(0) if splits > 1 else 0, m.stride(1) if splits > 1 else 0,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), *part_strides, *m_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
         HAS_WINDOW=bool(sliding_window), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages,
+        DECODE=decode, num_warps=warps, num_stages=stages,
     )
-    if splits > 1:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            part, m, sums, out, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
-            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            NUM_SPLITS=splits, num_warps=4,
-        )
     return out
 
 
