@@ -8,9 +8,8 @@ attend causally to their cached prefix plus themselves) and decode rows (one tok
 On CUDA one Triton kernel handles the whole flat batch: each program takes a tile of one
 request's query tokens times the query heads of one KV head (GQA), walks that request's KV blocks
 through its block table with an online softmax, and writes the tile's output. Decode batches use
-small tiles and split each context into segments (flash-decoding), as many as their shape needs
-to spread ragged contexts evenly over the SMs (`decode_plan`); the last segment of a row to finish
-combines them, in a fixed order (an atomic arrival count, no second kernel).
+small tiles and split each context into segments reduced by a second kernel (flash-decoding),
+as many as their shape needs to spread ragged contexts evenly over the SMs (`decode_plan`).
 Elsewhere the plain-torch reference runs. Nothing in the launch depends on device values, so the
 launch can be captured in a CUDA graph.
 """
@@ -207,7 +206,7 @@ def _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, acc, l_i, m
 # (== 1, divisible by 16) would compile new variants in the middle of serving.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, m_ptr, l_ptr, counter_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, m_ptr, l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
     scale_log2, num_seqs, window, min_split_tiles,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_mt, stride_mh,
@@ -287,45 +286,40 @@ def _paged_attention_kernel(
         _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, acc, l_i, store_mask)
     elif used == 1:
         _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, acc, l_i, store_mask)
-    else:
-        # Unnormalized partials; the row's last split to arrive (an atomic count, acq_rel: the
-        # others' stores are visible to it) combines them in split order and resets the count
-        # for the next launch. No second kernel.
-        parts = part_ptr + token[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
-        tl.store(parts + split * stride_ps, acc, mask=store_mask)
-        ml = m_ptr + token * stride_mt + head * stride_mh
-        ll = l_ptr + token * stride_mt + head * stride_mh
-        tl.store(ml + split, m_i, mask=row_ok)
-        tl.store(ll + split, l_i, mask=row_ok)
-        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
-            m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            for s in range(0, used):
-                m_max = tl.maximum(m_max, tl.load(ml + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
-            m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-            total = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            denom = tl.zeros([BLOCK_M], tl.float32)
-            for s in range(0, used):
-                w = tl.exp2(tl.load(ml + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_max)
-                denom += w * tl.load(ll + s, mask=row_ok, other=0.0, cache_modifier=".cg")
-                total += w[:, None] * tl.load(parts + s * stride_ps, mask=store_mask, other=0.0, cache_modifier=".cg")
-            _store_final(out_ptr, token, head, offs_d, stride_ot, stride_oh, total, denom, store_mask)
-            tl.atomic_xchg(counter, 0)
+    else:  # unnormalized partials, reduced by _reduce_splits_kernel
+        tl.store(part_ptr + token[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 acc, mask=store_mask)
+        ml = token * stride_mt + head * stride_mh + split
+        tl.store(m_ptr + ml, m_i, mask=row_ok)
+        tl.store(l_ptr + ml, l_i, mask=row_ok)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-(sequence, KV head) arrival counts of a split decode launch, zero between launches (the
-    last split of each row resets its own). One buffer per device, made before any graph capture
-    needs it (the first split launch, eager, sizes it for 65,536 rows)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"split-decode counters for {n} rows must exist before CUDA-graph capture")
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
+@triton.jit
+def _reduce_splits_kernel(part_ptr, m_ptr, l_ptr, out_ptr, seq_lens_ptr, window, min_split_tiles,
+                          stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr):
+    """Combines a decode row's split partials; rows one split covered were finished by it."""
+    token = tl.program_id(0).to(tl.int64)  # a decode batch: token i is sequence i's
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + token)
+    lo = (tl.maximum(seq_len - window, 0) // TILE_N) * TILE_N
+    _, used = _split_share(lo, seq_len, min_split_tiles, TILE_N, NUM_SPLITS)
+    if used == 1:
+        return
+    splits = tl.arange(0, NUM_SPLITS)
+    live = splits < used
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.load(m_ptr + token * stride_mt + head * stride_mh + splits, mask=live, other=float("-inf"))
+    sums = tl.load(l_ptr + token * stride_mt + head * stride_mh + splits, mask=live, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+    denom = tl.sum(sums * w, 0)
+    part = tl.load(part_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + offs_d[None, :],
+                   mask=live[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(part * w[:, None], 0) / denom
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int) -> tuple[int, int, int]:
@@ -384,12 +378,11 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
         m = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=query.device)
         sums = torch.empty_like(m)
         part_strides, m_strides = (part.stride(0), part.stride(1), part.stride(2)), (m.stride(0), m.stride(1))
-        counters = _split_counters(query.device, num_seqs * num_kv_heads)
     else:
-        part = m = sums = counters = out
+        part = m = sums = out
         part_strides, m_strides = (0, 0, 0), (0, 0)
     _paged_attention_kernel[grid](
-        query, k_cache, v_cache, out, part, m, sums, counters, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        query, k_cache, v_cache, out, part, m, sums, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         scale * 1.4426950408889634, num_seqs, window, min_split_tiles,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *part_strides, *m_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
@@ -398,6 +391,12 @@ def paged_attention_triton(query, kv_cache, meta, scale, sliding_window=None, ou
         HAS_WINDOW=bool(sliding_window), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DECODE=decode, num_warps=warps, num_stages=stages,
     )
+    if splits > 1:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            part, m, sums, out, meta.seq_lens, window, min_split_tiles, *part_strides, *m_strides,
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            TILE_N=tile_n, NUM_SPLITS=splits, num_warps=4,
+        )
     return out
 
 
