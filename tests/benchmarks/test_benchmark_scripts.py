@@ -212,3 +212,21 @@ def test_serving_reads_the_servers_quantiles_from_the_histograms_difference():
     got = serving.server_quantiles(before, after)
     assert got == {"p50": 10.0, "p90": 20.0, "p99": 50.0, "count": 100.0}
     assert serving.server_quantiles({}, {})["p99"] is None
+
+
+def test_profile_windows_profiles_each_window_of_steps_on_cpu(tmp_path):
+    out = tmp_path / "windows.jsonl"
+    script = str(ROOT / "benchmarks" / "profile_windows.py")
+    done = subprocess.run(
+        [sys.executable, script, "--num-prompts", "5", "--input-len", "8", "32", "--output-len", "10", "20",
+         "--windows", "1-3", "6-9", "--max-model-len", "128", "--device", "cpu", "--jsonl", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = common.read_records([out])
+    assert [(w["steps"], w["count"]) for w in record["windows"]] == [("1-3", 2), ("6-9", 3)]
+    assert all(w["running"] == 5 and w["wall_ms_per_step"] > 0 and w["gpu"].startswith("n/a")
+               for w in record["windows"])
+    assert record["steps"] >= 20  # every request ran to its length, at least 20 tokens for one
+    bad = subprocess.run([sys.executable, script, "--windows", "9-3"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "FIRST < END" in bad.stderr
