@@ -12,7 +12,6 @@ Where a run's time goes by phase: the prefill steps at the start, full batches, 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit  # noqa: E402
 from idle import finish_profile, profiled  # noqa: E402
+from throughput import add_workload_args, workload  # noqa: E402
 
 from aio_engine.cli import GROUP_TITLES, add_engine_args, engine_args_from  # noqa: E402
 from aio_engine.llm import LLM  # noqa: E402
-from sampling.params import SamplingParams  # noqa: E402
 
 
 def window(text: str) -> tuple[int, int]:
@@ -38,10 +37,7 @@ def window(text: str) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--workload-seed", type=int, default=0)
+    add_workload_args(parser, 256, (100, 1024))
     parser.add_argument("--windows", type=window, nargs="+", default=[(1, 19), (20, 40), (200, 230)],
                         help="step windows FIRST-END (steps FIRST..END-1 profiled), in order, not overlapping")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per window")
@@ -54,17 +50,8 @@ def main() -> None:
     args.skip_tokenizer_init = True  # token ids in, token ids out
     llm = LLM(**vars(args))
     core = llm.core
-    vocab, max_len = core.config.model.vocab_size, core.config.model.max_model_len
-    rng = random.Random(ns.workload_seed)
-    requests = []
-    for _ in range(ns.num_prompts):
-        n_in = rng.randint(*ns.input_len)
-        requests.append(([rng.randrange(vocab) for _ in range(n_in)], min(rng.randint(*ns.output_len), max_len - n_in)))
-    warm = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(len(p))]} for p, _ in requests[:32]]
-    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    for i, (prompt, n_out) in enumerate(requests):
-        core.add_request(f"w{i}", {"prompt_token_ids": prompt},
-                         SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True))
+    for i, (prompt, params) in enumerate(zip(*workload(ns, llm))):
+        core.add_request(f"w{i}", prompt, params)
 
     device = core.config.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -26,25 +26,17 @@ from aio_engine.llm import LLM  # noqa: E402
 from sampling.params import SamplingParams  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+def add_workload_args(parser: argparse.ArgumentParser, num_prompts: int = 64,
+                      lengths: tuple[int, int] = (32, 128)) -> None:
+    parser.add_argument("--num-prompts", type=int, default=num_prompts)
+    parser.add_argument("--input-len", type=int, nargs=2, default=list(lengths), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=list(lengths), metavar=("MIN", "MAX"))
     parser.add_argument("--workload-seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--jsonl", type=Path, help="append the result here as one line")
-    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
-    add_engine_args(parser, groups)
-    ns = parser.parse_args()
-    ns.model_tag = None
-    args = engine_args_from(ns)
-    if args.model and not (Path(args.model) / "tokenizer_config.json").exists() and not args.skip_tokenizer_init:
-        args.skip_tokenizer_init = True  # config-only folders (../shared/models) have no tokenizer
 
-    start = time.perf_counter()
-    llm = LLM(**{k: v for k, v in vars(args).items()})
-    startup = time.perf_counter() - start
+
+def workload(ns: argparse.Namespace, llm: LLM) -> tuple[list[dict], list[SamplingParams]]:
+    """The requests of add_workload_args' flags (random token ids, lengths uniform in the ranges,
+    ignore_eos), once the engine is warmed up on them."""
     vocab = llm.core.config.model.vocab_size
     max_len = llm.core.config.model.max_model_len
     rng = random.Random(ns.workload_seed)
@@ -60,6 +52,26 @@ def main() -> None:
     warm = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(len(p["prompt_token_ids"]))]}
             for p in prompts[:32]]
     llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    return prompts, params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(parser)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--jsonl", type=Path, help="append the result here as one line")
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    add_engine_args(parser, groups)
+    ns = parser.parse_args()
+    ns.model_tag = None
+    args = engine_args_from(ns)
+    if args.model and not (Path(args.model) / "tokenizer_config.json").exists() and not args.skip_tokenizer_init:
+        args.skip_tokenizer_init = True  # config-only folders (../shared/models) have no tokenizer
+
+    start = time.perf_counter()
+    llm = LLM(**{k: v for k, v in vars(args).items()})
+    startup = time.perf_counter() - start
+    prompts, params = workload(ns, llm)
 
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)

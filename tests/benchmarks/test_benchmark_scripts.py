@@ -218,7 +218,7 @@ def test_profile_windows_profiles_each_window_of_steps_on_cpu(tmp_path):
     out = tmp_path / "windows.jsonl"
     script = str(ROOT / "benchmarks" / "profile_windows.py")
     done = subprocess.run(
-        [sys.executable, script, "--num-prompts", "5", "--input-len", "8", "32", "--output-len", "10", "20",
+        [sys.executable, script, "--num-prompts", "5", "--input-len", "8", "32", "--output-len", "20", "20",
          "--windows", "1-3", "6-9", "--max-model-len", "128", "--device", "cpu", "--jsonl", str(out)],
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
