@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit  # noqa: E402
 from idle import finish_profile, profiled  # noqa: E402
-from throughput import add_workload_args, workload  # noqa: E402
+from throughput import add_workload_args, parse_with_engine_args, workload  # noqa: E402
 
-from aio_engine.cli import GROUP_TITLES, add_engine_args, engine_args_from  # noqa: E402
 from aio_engine.llm import LLM  # noqa: E402
 
 
@@ -42,11 +41,7 @@ def main() -> None:
                         help="step windows FIRST-END (steps FIRST..END-1 profiled), in order, not overlapping")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per window")
     parser.add_argument("--jsonl", type=Path, help="append the result here as one line")
-    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
-    add_engine_args(parser, groups)
-    ns = parser.parse_args()
-    ns.model_tag = None
-    args = engine_args_from(ns)
+    ns, args = parse_with_engine_args(parser)
     args.skip_tokenizer_init = True  # token ids in, token ids out
     llm = LLM(**vars(args))
     core = llm.core

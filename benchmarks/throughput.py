@@ -34,6 +34,15 @@ def add_workload_args(parser: argparse.ArgumentParser, num_prompts: int = 64,
     parser.add_argument("--workload-seed", type=int, default=0)
 
 
+def parse_with_engine_args(parser: argparse.ArgumentParser):
+    """The command line with the engine's flags added (the serve command's groups): (namespace, EngineArgs)."""
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    add_engine_args(parser, groups)
+    ns = parser.parse_args()
+    ns.model_tag = None
+    return ns, engine_args_from(ns)
+
+
 def workload(ns: argparse.Namespace, llm: LLM) -> tuple[list[dict], list[SamplingParams]]:
     """The requests of add_workload_args' flags (random token ids, lengths uniform in the ranges,
     ignore_eos), once the engine is warmed up on them."""
@@ -60,11 +69,7 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--jsonl", type=Path, help="append the result here as one line")
-    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
-    add_engine_args(parser, groups)
-    ns = parser.parse_args()
-    ns.model_tag = None
-    args = engine_args_from(ns)
+    ns, args = parse_with_engine_args(parser)
     if args.model and not (Path(args.model) / "tokenizer_config.json").exists() and not args.skip_tokenizer_init:
         args.skip_tokenizer_init = True  # config-only folders (../shared/models) have no tokenizer
 
