@@ -179,6 +179,10 @@ def test_idle_runs_on_cpu_and_reports_gpu_figures_as_not_applicable(tmp_path):
     assert on["timed"]["ahead"] > 0.5 and off["timed"]["ahead"] == 0.0
     assert on["batch"] == 4 and on["gpu"]["gpu"].startswith("n/a")
     assert on["timed"]["ms_per_step"] > 0 and "launch" in on["timed"]["host_ms_per_step"]
+    assert on["profiled"]["ms_per_step"] > 0 and off["profiled"]["ms_per_step"] > 0
+    # No timed window after a profiled one (CUPTI stays attached after torch.profiler on CUDA).
+    windows = [line.rsplit(", ", 1)[1] for line in done.stdout.splitlines() if line.startswith("== idle:")]
+    assert windows == ["timed window"] * 2 + ["profiled window"] * 2
 
 
 def test_serving_host_streams_every_token_through_the_real_server(tmp_path):
