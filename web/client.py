@@ -50,8 +50,13 @@ async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
 
 
 class AsyncClient:
+    """`max_connections`: HTTP connections open at once (0: no limit). Each SSE stream holds one
+    for its whole life, so this is also the number of concurrent streams; more wait for a free
+    connection. aiohttp's own default of 100 would queue the 101st stream; the OpenAI Python
+    client allows 1,000, as here."""
+
     def __init__(self, base_url: str, api_key: str | None = None, *, session: aiohttp.ClientSession | None = None,
-                 timeout: float | None = None, ssl: Any = None) -> None:
+                 timeout: float | None = None, ssl: Any = None, max_connections: int = 1000) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.api_key = api_key
@@ -59,11 +64,13 @@ class AsyncClient:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._ssl = ssl if ssl is not None else True
+        self._max_connections = max_connections
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode())
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections),
+                                                  timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode())
         return self._session
 
     async def close(self) -> None:
