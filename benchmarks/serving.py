@@ -125,7 +125,9 @@ async def run(ns: argparse.Namespace, base_url: str, request_rate: float) -> dic
         bodies.append({"prompt": [rng.randrange(1, ns.vocab_size) for _ in range(n_in)], "max_tokens": n_out,
                        "ignore_eos": True, "temperature": 1.0})
     limit = asyncio.Semaphore(ns.max_concurrency or len(bodies))
-    async with AsyncClient(base_url, api_key=ns.api_key) as client:
+    # --max-concurrency is the only bound: no connection pool limit below it (aiohttp's default
+    # was 100, which had capped every "saturation" run at 100 streams).
+    async with AsyncClient(base_url, api_key=ns.api_key, max_connections=0) as client:
         ws_cm = client.websocket() if ns.transport == "ws" else None
         ws = await ws_cm.__aenter__() if ws_cm is not None else None
         try:
