@@ -91,10 +91,10 @@ def freeze_startup_heap() -> None:
 
     Then the youngest generation's threshold goes from 700 to GC_YOUNG_THRESHOLD: every iteration
     of a busy server allocates an output, a chunk and a few lists per stream, so at 256 streams
-    Python collected ~70 times a second (510 collections, 525 ms, longest 31 ms in 10 s of the H100
-    server at saturation); with 10,000 the same host-path run (benchmarks/serving_host.py, 256
-    streams) collects 4 times instead of 444 (7 ms instead of 345 ms). Objects are still collected:
-    only cycles wait longer."""
+    Python collected ~50 times a second (510 collections, 525 ms, longest 31 ms in 10 s of the H100
+    server at saturation); with 10,000: 5-6 collections, 22-43 ms in such 10 s (and 4 instead of
+    444 in a run of benchmarks/serving_host.py at 256 streams). Objects are still collected: only
+    cycles wait longer."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
