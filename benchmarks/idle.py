@@ -278,6 +278,32 @@ def finish_profile(prof, steps: int, device: torch.device) -> dict:
     return gpu
 
 
+def open_window(probe: StepProbe, profile: bool):
+    """Start a window: the probe's counts reset, and the profiler started if it is a profiled one."""
+    probe.reset()
+    if not profile:
+        return None
+    prof = profiled(probe.core.config.device)
+    prof.start()
+    return prof
+
+
+def close_window(probe: StepProbe, ns, prof, batch: int, start: float, end: float | None = None) -> dict:
+    """End the window open_window started: its host report over end - start (perf_counter; end
+    defaults to now) and, timed, GPU idle from events, or, profiled, the GPU timeline once the
+    window's last kernels have landed."""
+    device = probe.core.config.device
+    if prof is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() if end is None else end) - start
+    if prof is None:
+        timed = probe.host_report(ns.timed_steps, wall)
+        timed["gpu_events"] = probe.event_report()
+        return {"batch": batch, "timed": timed}
+    prof.stop()
+    return {"profiled": probe.host_report(ns.profile_steps, wall), "gpu": finish_profile(prof, ns.profile_steps, device)}
+
+
 def run_core(engine: AsyncEngine, probe: StepProbe, ns, tag: str, profile: bool) -> dict:
     """EngineCore.step() in a loop (the offline LLM's path); one window, timed or profiled."""
     core = engine.core
@@ -288,23 +314,11 @@ def run_core(engine: AsyncEngine, probe: StepProbe, ns, tag: str, profile: bool)
     for _ in range(ns.warmup_steps):
         core.step()
     batch = len(core.scheduler.running)
-    probe.reset()
-    if profile:
-        with profiled(core.config.device) as prof:
-            start = time.perf_counter()
-            for _ in range(ns.profile_steps):
-                core.step()
-            if core.config.device.type == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-        result = {"profiled": probe.host_report(ns.profile_steps, wall),
-                  "gpu": finish_profile(prof, ns.profile_steps, core.config.device)}
-    else:
-        start = time.perf_counter()
-        for _ in range(ns.timed_steps):
-            core.step()
-        result = {"batch": batch, "timed": probe.host_report(ns.timed_steps, time.perf_counter() - start)}
-        result["timed"]["gpu_events"] = probe.event_report()
+    prof = open_window(probe, profile)
+    start = time.perf_counter()
+    for _ in range(ns.profile_steps if profile else ns.timed_steps):
+        core.step()
+    result = close_window(probe, ns, prof, batch, start)
     while core.has_unfinished:
         core.step()
     return result
@@ -348,29 +362,16 @@ async def run_async(engine: AsyncEngine, probe: StepProbe, ns, tag: str, profile
         await all_started
         await after(ns.warmup_steps)
         batch = len(core.scheduler.running)
-        probe.reset()
-        if profile:
-            prof = profiled(core.config.device)
-            prof.start()
-            start = time.perf_counter()
-            end = await after(ns.profile_steps)
-            if core.config.device.type == "cuda":
-                torch.cuda.synchronize()  # blocks the loop for at most one step: the window's last kernels land
-            prof.stop()
-            result = {"profiled": probe.host_report(ns.profile_steps, end - start)}
-        else:
-            start = time.perf_counter()
-            end = await after(ns.timed_steps)
-            result = {"batch": batch, "timed": probe.host_report(ns.timed_steps, end - start)}
-            result["timed"]["gpu_events"] = probe.event_report()
+        prof = open_window(probe, profile)
+        start = time.perf_counter()
+        end = await after(ns.profile_steps if profile else ns.timed_steps)
+        result = close_window(probe, ns, prof, batch, start, end)  # its sync blocks the loop one step at most
         counts = await asyncio.gather(*tasks)
     finally:
         probe.on_step = None
         for task in tasks:
             task.cancel()
     assert all(c == ns.output_len for c in counts), counts
-    if profile:
-        result["gpu"] = finish_profile(prof, ns.profile_steps, core.config.device)
     return result
 
 
