@@ -22,7 +22,7 @@ from typing import Any
 from sampling.params import RequestOutputKind, SamplingParams
 
 from .config import EngineArgs, EngineConfig
-from .engine_core import EngineCore, PromptType
+from .engine_core import EngineCore, EngineCounters, PromptType
 from .outputs import RequestOutput
 from .stats import StatsLogger
 
@@ -135,6 +135,11 @@ class AsyncEngine:
             if not finished:
                 self._abort_now_or_after_step(request_id)
 
+    async def accepted(self, request_id: str) -> None:
+        """Return once the engine has queued the request, ValueError if it refused it. Here the
+        generator's first step queues it (or raises): nothing to wait for. (The web layer waits
+        for this before a response's first byte; web/engine_process.py's client must.)"""
+
     async def compile_grammar(self, structured_outputs):
         """The compiled grammar of a StructuredOutputsParams (cached); ValueError if it is invalid.
 
@@ -163,9 +168,10 @@ class AsyncEngine:
             self._pending_aborts.add(request_id)
             return
         final = self.core.abort(request_id)
-        collector = self._collectors.pop(request_id, None)
-        if collector is not None and final is not None:
-            collector.put(final)
+        if final is not None:
+            self._emit([final])
+        else:
+            self._collectors.pop(request_id, None)
 
     # --- the loop ---
     async def _run(self) -> None:
@@ -183,8 +189,7 @@ class AsyncEngine:
                 if stats is not None:
                     stats.begin()
                 self._blocked = 0.0
-                for output in await self._run_phases(loop, core.phases()):
-                    self._deliver(output)
+                self._emit(await self._run_phases(loop, core.phases()))
                 if stats is not None:
                     stats.end(self._blocked, core.last_finished)
                     core.last_finished = None
@@ -197,9 +202,7 @@ class AsyncEngine:
             core.fail_all()
             error = EngineDeadError(f"engine step failed: {e!r}")
             error.__cause__ = e
-            for collector in self._collectors.values():
-                collector.put(error)
-            self._collectors.clear()
+            self._fail_waiting(error)
 
     async def _run_phases(self, loop: asyncio.AbstractEventLoop, phases) -> list[RequestOutput]:
         """Drive EngineCore.phases(): its host parts here on the loop, each blocking call in the
@@ -233,12 +236,31 @@ class AsyncEngine:
         for request_id in pending:
             self._abort_now_or_after_step(request_id)
 
-    def _deliver(self, output: RequestOutput) -> None:
-        collector = self._collectors.get(output.request_id)
-        if collector is not None:
-            collector.put(output)
-            if output.finished:
-                del self._collectors[output.request_id]
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        """Hand one iteration's outputs (or an abort's final one) to their requests' collectors.
+        The engine process (engine_client.py) sends them over its socket instead."""
+        collectors = self._collectors
+        for output in outputs:
+            collector = collectors.get(output.request_id)
+            if collector is not None:
+                collector.put(output)
+                if output.finished:
+                    del collectors[output.request_id]
+
+    def _fail_waiting(self, error: EngineDeadError) -> None:
+        """The loop died: every request still waiting hears `error`."""
+        for collector in self._collectors.values():
+            collector.put(error)
+        self._collectors.clear()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting to be scheduled (the server's admission check)."""
+        return len(self.core.scheduler.waiting)
+
+    def counters(self) -> EngineCounters:
+        """The engine's gauges and counters now (what /metrics reports)."""
+        return self.core.counters()
 
     async def shutdown(self) -> None:
         if self.stats is not None:

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Generator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sampling.params import SamplingParams
@@ -33,6 +33,41 @@ from .tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
+
+
+@dataclass
+class EngineCounters:
+    """The engine's gauges and counters at one moment (what /metrics reports, what admission reads)."""
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    prompt_tokens: int = 0  # computed by prefill (prefix-cache hits excluded)
+    generated_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+
+
+def tokenize_prompt(tokenizer, prompt: PromptType) -> tuple[str | None, list[int]]:
+    """A prompt's text (None for token ids) and token ids."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        prompt = prompt["prompt"]
+    if isinstance(prompt, list):
+        return None, list(prompt)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+    if tokenizer is None:
+        raise ValueError("text prompts need a tokenizer (the engine runs with --skip-tokenizer-init)")
+    return prompt, tokenizer(prompt).input_ids
+
+
+def default_sampling_params(config: EngineConfig) -> SamplingParams:
+    """SamplingParams carrying the model's generation-config defaults."""
+    defaults = {k: v for k, v in config.model.generation_defaults.items() if not k.startswith("_")}
+    return SamplingParams(**defaults)
 
 
 class EngineCore:
@@ -71,22 +106,16 @@ class EngineCore:
 
     # --- requests ---
     def default_sampling_params(self) -> SamplingParams:
-        """SamplingParams carrying the model's generation-config defaults."""
-        defaults = {k: v for k, v in self.config.model.generation_defaults.items() if not k.startswith("_")}
-        return SamplingParams(**defaults)
+        return default_sampling_params(self.config)
+
+    def counters(self) -> EngineCounters:
+        kv, sched = self.kv, self.scheduler
+        return EngineCounters(len(sched.running), len(sched.waiting), kv.usage, kv.prefix_queries, kv.prefix_hits,
+                              self.num_prompt_tokens_computed, self.num_generated_tokens, self.num_steps,
+                              getattr(sched, "num_preemptions", 0))
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt["prompt"]
-        if isinstance(prompt, list):
-            return None, list(prompt)
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer (the engine runs with --skip-tokenizer-init)")
-        return prompt, self.tokenizer(prompt).input_ids
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         if self.tokenizer is None:

@@ -33,23 +33,21 @@ class EngineCollector:
         return family
 
     def collect(self):
-        core = self.engine.core
-        kv, sched = core.kv, core.scheduler
+        n = self.engine.counters()
         g, c = GaugeMetricFamily, CounterMetricFamily
-        yield self._family(g, "num_requests_running", "Sequences in the running batch.", len(sched.running))
-        yield self._family(g, "num_requests_waiting", "Sequences waiting to be scheduled.", len(sched.waiting))
-        yield self._family(g, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", kv.usage)
-        queries, hits = kv.prefix_queries, kv.prefix_hits
+        yield self._family(g, "num_requests_running", "Sequences in the running batch.", n.running)
+        yield self._family(g, "num_requests_waiting", "Sequences waiting to be scheduled.", n.waiting)
+        yield self._family(g, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", n.kv_cache_usage)
+        queries, hits = n.prefix_queries, n.prefix_hits
         yield self._family(c, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries)
         yield self._family(c, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield self._family(g, "prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries since start.",
                            hits / queries if queries else 0.0)
         yield self._family(c, "prompt_tokens", "Prompt tokens computed (prefill, prefix-cache hits excluded).",
-                           core.num_prompt_tokens_computed)
-        yield self._family(c, "generation_tokens", "Tokens generated.", core.num_generated_tokens)
-        yield self._family(c, "engine_steps", "Engine steps run.", core.num_steps)
-        yield self._family(c, "num_preemptions", "Sequences preempted for lack of KV blocks.",
-                           getattr(sched, "num_preemptions", 0))
+                           n.prompt_tokens)
+        yield self._family(c, "generation_tokens", "Tokens generated.", n.generated_tokens)
+        yield self._family(c, "engine_steps", "Engine steps run.", n.steps)
+        yield self._family(c, "num_preemptions", "Sequences preempted for lack of KV blocks.", n.preemptions)
         yield self._family(g, "engine_dead", "1 once the engine loop has failed.", float(self.engine.errored))
 
 

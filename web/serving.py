@@ -72,7 +72,7 @@ class ServingContext:
         if self.engine.dead_error is not None:
             raise EngineDeadError(f"engine loop died: {self.engine.dead_error!r}")
         limit = self.settings.max_waiting_requests
-        if limit is not None and len(self.engine.core.scheduler.waiting) >= limit:
+        if limit is not None and self.engine.num_waiting >= limit:
             raise OverloadedError(f"server overloaded: {limit} requests are already waiting; retry later")
 
     def check_priority(self, body: dict) -> int:
@@ -127,9 +127,15 @@ class Generation:
         self._firsts = [asyncio.ensure_future(anext(g)) for g in self._gens]
         self._tasks = list(self._firsts)
         await asyncio.sleep(0)
-        for first in self._firsts:
-            if first.done() and not first.cancelled() and first.exception() is not None:
+        for first, rid in zip(self._firsts, self.request_ids):
+            error = None
+            try:
+                await engine.accepted(rid)
+            except Exception as e:
+                error = e
+            if error is None and first.done() and not first.cancelled():
                 error = first.exception()
+            if error is not None:
                 await self.aclose()
                 raise error
         self.started = True

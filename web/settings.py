@@ -72,6 +72,10 @@ class ServerSettings:
     uds: str | None = opt(None, "Listen on this Unix domain socket instead of --host/--port.")
     h11_max_incomplete_event_size: int = opt(16384, "Longest request line or header field in bytes (aiohttp's max_line_size and max_field_size).")
     h11_max_header_count: int = opt(256, "Most headers in one request (aiohttp's max_headers).")
+    # Processes
+    engine_process: bool = opt(True, "Run the engine (scheduler, model, detokenizer) in a process of its own and the "
+                                     "HTTP server in this one, as vLLM does: at a few hundred streams one process "
+                                     "is host-bound. --no-engine-process runs both on one event loop.")
     # Logging
     enable_log_requests: bool = opt(False, "Log each request's prompt and sampling parameters.")
     enable_log_outputs: bool = opt(False, "Log each request's generated text when it finishes.")

@@ -2,4 +2,5 @@
 
 from . import main
 
-main()
+if __name__ == "__main__":  # not when the engine process (spawned) imports this module as its parent's main
+    main()

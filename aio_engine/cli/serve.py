@@ -59,7 +59,12 @@ async def _serve(args: EngineArgs, settings, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    engine = AsyncEngine.from_engine_args(args)
+    if settings.engine_process:
+        from web.engine_process import EngineClient
+
+        engine = await EngineClient.start(args.create_engine_config())
+    else:
+        engine = AsyncEngine.from_engine_args(args)
     settings = dataclasses.replace(settings, served_model_names=engine.config.model.served_model_names)
     try:
         await serve(engine, settings, host, port)

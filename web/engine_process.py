@@ -1,0 +1,465 @@
+"""The engine in a process of its own: EngineClient here, AsyncEngine's loop there.
+
+At stream interval 1 and a few hundred streams one process is host-bound: the engine's step
+phases and the SSE handlers take turns on one event loop (docs/architecture.md). So `aio-engine
+serve` (unless --no-engine-process) runs them apart, as vLLM does: this process keeps the HTTP
+server, the SSE and websocket streams, chat templates and the tokenization of text prompts; a
+spawned engine process runs AsyncEngine's loop (scheduler, model runner, detokenizer, stop checks)
+and nothing else. EngineClient has the AsyncEngine methods the web layer calls (generate, abort,
+accepted, compile_grammar, counters, health, shutdown), so the routes do not know which they have.
+
+They talk over a Unix socket, one pickled frame (4-byte length, then the payload) per message:
+
+  client -> engine   ("add", id, prompt text, prompt ids, params, priority)   ("abort", id)
+                     ("grammar", call, structured_outputs)                    ("shutdown",)
+  engine -> client   ("ready", config) or ("failed", reason), once
+                     ("added", id) or ("refused", id, error type, message), per add
+                     ("out", counters, [output, ...]): every output of one engine iteration
+                     ("grammar", call, message or None)   ("dead", reason)
+
+An output crosses as a tuple (request id, completions, finished, cached tokens, metrics, prompt
+logprobs): the prompt's ids never go back, the client keeps them. One frame per iteration instead
+of one wake-up per stream is what the engine process saves; the client's reader puts each output
+in its request's RequestCollector, which merges what a slow stream has not taken yet, as in one
+process. A client that goes away sends "abort" (its blocks are freed there); the engine process
+ends when asked or when the socket closes (this process died), and a dead engine process fails
+every open request with EngineDeadError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import struct
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+
+from aio_engine.async_engine import AsyncEngine, EngineDeadError, RequestCollector
+from aio_engine.config import EngineConfig
+from aio_engine.engine_core import EngineCounters, PromptType, default_sampling_params, tokenize_prompt
+from aio_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from aio_engine.tokenizer import load_tokenizer
+from sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<I")
+LARGE_PROMPT_CHARS = 20_000  # tokenized in a worker thread, as AsyncEngine does
+ERRORS = {"ValueError": ValueError, "EngineDeadError": EngineDeadError}
+
+
+class Channel:
+    """Pickled frames over one stream connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, message: tuple) -> None:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.writer.write(HEADER.pack(len(payload)) + payload)
+
+    async def recv(self) -> tuple:
+        (size,) = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+        return pickle.loads(await self.reader.readexactly(size))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def encode_output(o: RequestOutput) -> tuple:
+    m = o.metrics
+    return (o.request_id,
+            [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason)
+             for c in o.outputs],
+            o.finished, o.num_cached_tokens,
+            None if m is None else (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
+                                    m.finished_time),
+            o.prompt_logprobs)
+
+
+# --- the engine process ---
+
+class ProcessEngine(AsyncEngine):
+    """AsyncEngine whose outputs go over the channel, one frame per iteration, not to collectors."""
+
+    def __init__(self, config: EngineConfig, channel: Channel) -> None:
+        super().__init__(config)
+        self.channel = channel
+        self._adding: set[str] = set()  # adds waiting for their grammar
+        self._aborted_early: set[str] = set()  # aborted while waiting
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            counters = tuple(vars(self.core.counters()).values())
+            self.channel.send(("out", counters, [encode_output(o) for o in outputs]))
+
+    def _fail_waiting(self, error: EngineDeadError) -> None:
+        self.channel.send(("dead", str(error)))
+
+    async def serve_channel(self) -> None:
+        """Answer the client's messages until "shutdown" or until its end of the socket closes."""
+        channel = self.channel
+        tasks: set[asyncio.Task] = set()
+        while True:
+            try:
+                message = await channel.recv()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                logger.info("the API process closed the engine's socket: shutting down")
+                return
+            kind = message[0]
+            if kind == "add":
+                if message[4].structured_outputs is not None:  # compiled in a worker thread first
+                    self._adding.add(message[1])
+                    task = asyncio.create_task(self._add_compiled(*message[1:]))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                else:
+                    self._add(*message[1:])
+            elif kind == "abort":
+                if message[1] in self._adding:
+                    self._aborted_early.add(message[1])
+                else:
+                    self._abort_now_or_after_step(message[1])
+            elif kind == "grammar":
+                task = asyncio.create_task(self._check_grammar(message[1], message[2]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif kind == "shutdown":
+                return
+            else:
+                logger.error("unknown message %r from the API process", kind)
+
+    def _add(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams, priority: int,
+             grammar=None) -> None:
+        try:
+            if self.dead_error is not None:
+                raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+            self.core.add_request(request_id, text, params, priority, ids, grammar)
+        except Exception as e:
+            self.channel.send(("refused", request_id, type(e).__name__, str(e)))
+            return
+        self.channel.send(("added", request_id))
+        self._ensure_loop()
+        self._wakeup.set()
+
+    async def _add_compiled(self, request_id: str, text, ids, params: SamplingParams, priority: int) -> None:
+        try:
+            grammar = await self.compile_grammar(params.structured_outputs)
+        except Exception as e:
+            grammar, error = None, e
+        else:
+            error = None
+        self._adding.discard(request_id)
+        if request_id in self._aborted_early:
+            self._aborted_early.discard(request_id)
+            error = error or ValueError("aborted")
+        if error is not None:
+            self.channel.send(("refused", request_id, type(error).__name__, str(error)))
+        else:
+            self._add(request_id, text, ids, params, priority, grammar)
+
+    async def _check_grammar(self, call: int, structured_outputs) -> None:
+        try:
+            await self.compile_grammar(structured_outputs)
+        except Exception as e:
+            self.channel.send(("grammar", call, str(e)))
+        else:
+            self.channel.send(("grammar", call, None))
+
+
+def engine_process_main(path: str, config: EngineConfig, log_level: int) -> None:
+    """The engine process: connect to `path`, build the engine, serve the channel."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which ends this one
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    asyncio.run(_run_engine_process(path, config))
+
+
+async def _run_engine_process(path: str, config: EngineConfig) -> None:
+    from .app import freeze_startup_heap
+
+    channel = Channel(*await asyncio.open_unix_connection(path))
+    try:
+        engine = ProcessEngine(config, channel)
+    except Exception as e:
+        logger.exception("the engine failed to start")
+        channel.send(("failed", f"{type(e).__name__}: {e}"))
+        await channel.writer.drain()
+        channel.close()
+        return
+    channel.send(("ready", engine.config))
+    freeze_startup_heap()
+    try:
+        await engine.serve_channel()
+    finally:
+        await engine.shutdown()
+        channel.close()
+
+
+# --- the API process ---
+
+class RequestStream(RequestCollector):
+    """A request's collector here, with its prompt (outputs arrive without it) and whether the
+    engine took it: None while unanswered, "" once added, else why it was refused."""
+
+    def __init__(self, kind, prompt: str | None, prompt_token_ids: list[int]) -> None:
+        super().__init__(kind)
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.answer: asyncio.Future = asyncio.get_running_loop().create_future()
+
+
+class EngineClient:
+    """The AsyncEngine interface of the web layer, with the engine in a process of its own.
+
+    `await EngineClient.start(config)` spawns the engine process and returns once its engine is
+    built (the model loaded, graphs captured); the tokenizer loads here meanwhile.
+    """
+
+    def __init__(self, config: EngineConfig, tokenizer, channel: Channel, process) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.channel = channel
+        self.process = process
+        self.dead_error: BaseException | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._calls = itertools.count()
+        self._grammar_calls: dict[int, asyncio.Future] = {}
+        self._counters = EngineCounters()
+        self._closing = False
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="aio-engine-client")
+
+    @classmethod
+    async def start(cls, config: EngineConfig, log_level: int | None = None,
+                    startup_timeout: float | None = None) -> EngineClient:
+        loop = asyncio.get_running_loop()
+        folder = tempfile.mkdtemp(prefix="aio-engine-")
+        path = os.path.join(folder, "engine.sock")
+        connected: asyncio.Future = loop.create_future()
+
+        def on_connect(reader, writer) -> None:
+            if not connected.done():
+                connected.set_result(Channel(reader, writer))
+
+        server = await asyncio.start_unix_server(on_connect, path)
+        level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+        process = multiprocessing.get_context("spawn").Process(
+            target=engine_process_main, args=(path, config, level), name="aio-engine-core")
+        process.start()
+        channel = None
+        try:
+            mc = config.model
+            tokenizer = loop.run_in_executor(None, load_tokenizer, mc.tokenizer, mc.tokenizer_mode) if mc.tokenizer else None
+            channel = await _watching(process, connected, startup_timeout)
+            server.close()
+            first = await _watching(process, asyncio.ensure_future(channel.recv()), startup_timeout)
+            if first[0] != "ready":
+                raise RuntimeError(f"the engine process failed to start: {first[1]}")
+            client = cls(first[1], await tokenizer if tokenizer is not None else None, channel, process)
+        except BaseException:
+            server.close()
+            if channel is not None:
+                channel.close()
+            _stop_process(process, 5.0)
+            raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        logger.info("engine process %d ready", process.pid)
+        return client
+
+    # --- what the web layer reads ---
+    @property
+    def errored(self) -> bool:
+        return self.dead_error is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self.dead_error is None and not self._closing
+
+    async def check_health(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine process died: {self.dead_error}")
+
+    @property
+    def num_waiting(self) -> int:
+        return self._counters.waiting
+
+    def counters(self) -> EngineCounters:
+        """As of the engine's last iteration that had outputs."""
+        return self._counters
+
+    def default_sampling_params(self) -> SamplingParams:
+        return default_sampling_params(self.config)
+
+    # --- requests ---
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+        """As AsyncEngine.generate: outputs of one request until it finishes; leaving early aborts it."""
+        await self.check_health()
+        params = sampling_params if sampling_params is not None else self.default_sampling_params()
+        request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is not None:
+            text = prompt if isinstance(prompt, str) else None
+        elif isinstance(prompt, str) and len(prompt) > LARGE_PROMPT_CHARS:
+            text, prompt_token_ids = await asyncio.get_running_loop().run_in_executor(
+                None, tokenize_prompt, self.tokenizer, prompt)
+        else:
+            text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
+        stream = RequestStream(params.output_kind, text, list(prompt_token_ids))
+        self._streams[request_id] = stream
+        self.channel.send(("add", request_id, text, stream.prompt_token_ids, params, priority))
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if not finished and self.dead_error is None and not self._closing:
+                self.channel.send(("abort", request_id))
+
+    async def accepted(self, request_id: str) -> None:
+        """Return once the engine has queued the request (ValueError if it refused it): the web
+        layer waits for this before it sends a response's first byte."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        refusal = await asyncio.shield(stream.answer)
+        if refusal:
+            raise refusal
+
+    async def abort(self, request_id: str) -> None:
+        """End a request; its generator still receives a final output (finish_reason 'abort')."""
+        if self.dead_error is None and not self._closing:
+            self.channel.send(("abort", request_id))
+
+    async def compile_grammar(self, structured_outputs) -> None:
+        """Compile (and cache) the grammar in the engine process; ValueError if it is invalid."""
+        await self.check_health()
+        call = next(self._calls)
+        future = self._grammar_calls[call] = asyncio.get_running_loop().create_future()
+        self.channel.send(("grammar", call, structured_outputs))
+        error = await future
+        if error is not None:
+            raise ValueError(error)
+
+    # --- the reader ---
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self.channel.recv()
+                kind = message[0]
+                if kind == "out":
+                    self._outputs(message[1], message[2])
+                elif kind == "added":
+                    stream = self._streams.get(message[1])
+                    if stream is not None and not stream.answer.done():
+                        stream.answer.set_result(None)
+                elif kind == "refused":
+                    self._refused(*message[1:])
+                elif kind == "grammar":
+                    future = self._grammar_calls.pop(message[1], None)
+                    if future is not None and not future.done():
+                        future.set_result(message[2])
+                elif kind == "dead":
+                    self._die(message[1])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not self._closing:
+                await asyncio.get_running_loop().run_in_executor(None, self.process.join, 5.0)
+                self._die(f"the engine process exited (exit code {self.process.exitcode})")
+
+    def _outputs(self, counters: tuple, items: list[tuple]) -> None:
+        self._counters = EngineCounters(*counters)
+        streams = self._streams
+        for request_id, completions, finished, cached, metrics, prompt_logprobs in items:
+            stream = streams.get(request_id)
+            if stream is None:  # its consumer left (an abort is on its way) or it ended already
+                continue
+            stream.put(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids,
+                                     [CompletionOutput(*c) for c in completions], finished, cached,
+                                     None if metrics is None else RequestMetrics(*metrics), prompt_logprobs))
+            if finished:
+                del streams[request_id]
+
+    def _refused(self, request_id: str, error_type: str, message: str) -> None:
+        stream = self._streams.get(request_id)  # generate() forgets it when its consumer sees the error
+        if stream is not None:
+            error = ERRORS.get(error_type, RuntimeError)(message)
+            if not stream.answer.done():
+                stream.answer.set_result(error)
+            stream.put(error)
+
+    def _die(self, reason: str) -> None:
+        logger.error("engine: %s", reason)
+        self.dead_error = EngineDeadError(reason)
+        for stream in self._streams.values():
+            if not stream.answer.done():
+                stream.answer.set_result(self.dead_error)
+            stream.put(self.dead_error)
+        self._streams.clear()
+        for future in self._grammar_calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
+        self._grammar_calls.clear()
+
+    async def shutdown(self) -> None:
+        """Ask the engine process to end (requests in flight are aborted there) and wait for it."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self.channel.send(("shutdown",))
+            await self.channel.writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+        await asyncio.get_running_loop().run_in_executor(None, _stop_process, self.process, 30.0)
+        self._reader.cancel()
+        self.channel.close()
+        for stream in self._streams.values():
+            stream.put(EngineDeadError("the engine was shut down"))
+        self._streams.clear()
+
+
+async def _watching(process, future: asyncio.Future, timeout: float | None):
+    """`future`'s result, or RuntimeError as soon as the engine process has exited."""
+    waited = 0.0
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.5)
+        if done:
+            return future.result()
+        waited += 0.5
+        if not process.is_alive():
+            future.cancel()
+            raise RuntimeError(f"the engine process exited during startup (exit code {process.exitcode})")
+        if timeout is not None and waited >= timeout:
+            future.cancel()
+            raise TimeoutError(f"the engine process was not ready after {timeout:.0f} s")
+
+
+def _stop_process(process, grace: float) -> None:
+    """Wait up to `grace` seconds for the process to end, then terminate it, then kill it."""
+    process.join(grace)
+    if process.is_alive():
+        process.terminate()
+        process.join(5.0)
+    if process.is_alive():
+        process.kill()
+        process.join()
