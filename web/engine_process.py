@@ -43,7 +43,12 @@ from collections.abc import AsyncIterator
 
 from aio_engine.async_engine import AsyncEngine, EngineDeadError, RequestCollector
 from aio_engine.config import EngineConfig
-from aio_engine.engine_core import EngineCounters, PromptType, default_sampling_params, tokenize_prompt
+from aio_engine.engine_core import (
+    EngineCounters,
+    PromptType,
+    default_sampling_params,
+    tokenize_prompt,
+)
 from aio_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aio_engine.tokenizer import load_tokenizer
 from sampling.params import SamplingParams
