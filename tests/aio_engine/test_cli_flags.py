@@ -125,6 +125,7 @@ SERVER_FLAGS = {
     "log_error_stack": (["--log-error-stack"], True, None),
     "ws_max_message_bytes": (["--ws-max-message-bytes", "1M"], 2**20, ["--ws-max-message-bytes", "big"]),
     "enable_chat_page": (["--no-enable-chat-page"], False, None),
+    "engine_process": (["--no-engine-process"], False, None),
 }
 
 
