@@ -10,7 +10,8 @@ accepted, compile_grammar, counters, health, shutdown), so the routes do not kno
 
 They talk over a Unix socket, one pickled frame (4-byte length, then the payload) per message:
 
-  client -> engine   ("add", id, prompt text, prompt ids, params, priority)   ("abort", id)
+  client -> engine   ("config", config, log level), once, first
+                     ("add", id, prompt text, prompt ids, params, priority)   ("abort", id)
                      ("grammar", call, structured_outputs)                    ("shutdown",)
   engine -> client   ("ready", config) or ("failed", reason), once
                      ("added", id) or ("refused", id, error type, message), per add
@@ -31,13 +32,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
-import os
 import pickle
-import shutil
-import signal
 import struct
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 
@@ -52,6 +48,8 @@ from aio_engine.engine_core import (
 from aio_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aio_engine.tokenizer import load_tokenizer
 from sampling.params import SamplingParams
+
+from . import engine_spawn
 
 logger = logging.getLogger(__name__)
 
@@ -180,23 +178,27 @@ class ProcessEngine(AsyncEngine):
             self.channel.send(("grammar", call, None))
 
 
-def engine_process_main(path: str, config: EngineConfig, log_level: int) -> None:
-    """The engine process: connect to `path`, build the engine, serve the channel."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which ends this one
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_engine_process(path: str) -> None:
+    """The engine process (after web/engine_spawn.py's imports): connect to `path`, wait for the
+    config, build the engine, serve the channel."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    asyncio.run(_run_engine_process(path, config))
+    asyncio.run(_run_engine_process(path))
 
 
-async def _run_engine_process(path: str, config: EngineConfig) -> None:
+async def _run_engine_process(path: str) -> None:
     from .app import freeze_startup_heap
 
-    channel = Channel(*await asyncio.open_unix_connection(path))
+    try:
+        channel = Channel(*await asyncio.open_unix_connection(path))
+        _, config, log_level = await channel.recv()
+    except (OSError, asyncio.IncompleteReadError):  # the API process went away before it needed us
+        return
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = ProcessEngine(config, channel)
     except Exception as e:
@@ -234,11 +236,12 @@ class EngineClient:
     built (the model loaded, graphs captured); the tokenizer loads here meanwhile.
     """
 
-    def __init__(self, config: EngineConfig, tokenizer, channel: Channel, process) -> None:
+    def __init__(self, config: EngineConfig, tokenizer, channel: Channel, spawn: engine_spawn.EngineSpawn) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.channel = channel
-        self.process = process
+        self.spawn = spawn
+        self.process = spawn.process
         self.dead_error: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}
         self._calls = itertools.count()
@@ -251,37 +254,28 @@ class EngineClient:
     async def start(cls, config: EngineConfig, log_level: int | None = None,
                     startup_timeout: float | None = None) -> EngineClient:
         loop = asyncio.get_running_loop()
-        folder = tempfile.mkdtemp(prefix="aio-engine-")
-        path = os.path.join(folder, "engine.sock")
-        connected: asyncio.Future = loop.create_future()
-
-        def on_connect(reader, writer) -> None:
-            if not connected.done():
-                connected.set_result(Channel(reader, writer))
-
-        server = await asyncio.start_unix_server(on_connect, path)
-        level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
-        process = multiprocessing.get_context("spawn").Process(
-            target=engine_process_main, args=(path, config, level), name="aio-engine-core")
-        process.start()
+        spawn = engine_spawn.take()  # started early by the CLI, or now
+        process = spawn.process
         channel = None
         try:
+            spawn.listener.setblocking(False)
+            accepted = asyncio.ensure_future(loop.sock_accept(spawn.listener))
+            connection, _ = await _watching(process, accepted, startup_timeout)
+            spawn.close_listener()
+            channel = Channel(*await asyncio.open_unix_connection(sock=connection))
+            level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+            channel.send(("config", config, level))
             mc = config.model
             tokenizer = loop.run_in_executor(None, load_tokenizer, mc.tokenizer, mc.tokenizer_mode) if mc.tokenizer else None
-            channel = await _watching(process, connected, startup_timeout)
-            server.close()
             first = await _watching(process, asyncio.ensure_future(channel.recv()), startup_timeout)
             if first[0] != "ready":
                 raise RuntimeError(f"the engine process failed to start: {first[1]}")
-            client = cls(first[1], await tokenizer if tokenizer is not None else None, channel, process)
+            client = cls(first[1], await tokenizer if tokenizer is not None else None, channel, spawn)
         except BaseException:
-            server.close()
             if channel is not None:
                 channel.close()
-            _stop_process(process, 5.0)
+            await loop.run_in_executor(None, spawn.stop, 5.0)
             raise
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
         logger.info("engine process %d ready", process.pid)
         return client
 
@@ -435,7 +429,7 @@ class EngineClient:
             await self.channel.writer.drain()
         except (ConnectionError, RuntimeError):
             pass
-        await asyncio.get_running_loop().run_in_executor(None, _stop_process, self.process, 30.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.spawn.stop, 30.0)
         self._reader.cancel()
         self.channel.close()
         for stream in self._streams.values():
@@ -457,14 +451,3 @@ async def _watching(process, future: asyncio.Future, timeout: float | None):
         if timeout is not None and waited >= timeout:
             future.cancel()
             raise TimeoutError(f"the engine process was not ready after {timeout:.0f} s")
-
-
-def _stop_process(process, grace: float) -> None:
-    """Wait up to `grace` seconds for the process to end, then terminate it, then kill it."""
-    process.join(grace)
-    if process.is_alive():
-        process.terminate()
-        process.join(5.0)
-    if process.is_alive():
-        process.kill()
-        process.join()

@@ -64,6 +64,9 @@ async def _serve(args: EngineArgs, settings, host: str, port: int) -> None:
 
         engine = await EngineClient.start(args.create_engine_config())
     else:
+        from web import engine_spawn
+
+        engine_spawn.discard_early()  # started for a command line whose config file said no
         engine = AsyncEngine.from_engine_args(args)
     settings = dataclasses.replace(settings, served_model_names=engine.config.model.served_model_names)
     try:

@@ -14,6 +14,7 @@ import pytest
 from aio_engine import EngineArgs, SamplingParams, StructuredOutputsParams
 from aio_engine.async_engine import EngineDeadError
 from sampling.params import RequestOutputKind
+from web import engine_spawn
 from web.engine_process import EngineClient
 
 from .conftest import MAX_MODEL_LEN, serve_app, sse_events, wait_drained
@@ -28,7 +29,10 @@ def engine_args(tiny_models) -> EngineArgs:  # as the in-process `engine` fixtur
 
 @pytest.fixture(scope="module")
 async def remote(tiny_models):
+    engine_spawn.start_early()  # as `aio-engine serve` does, before its own imports
+    early = engine_spawn._early.process
     client = await EngineClient.start(engine_args(tiny_models).create_engine_config(), startup_timeout=120)
+    assert client.process is early and engine_spawn._early is None
     yield client
     await client.shutdown()
     assert client.process.exitcode == 0
@@ -179,3 +183,19 @@ async def test_a_failed_startup_raises_with_the_reason(tiny_models, tmp_path):
     config.model.path = tmp_path  # no weights there
     with pytest.raises(RuntimeError, match="failed to start: .*safetensors|weights|checkpoint"):
         await EngineClient.start(config, startup_timeout=120)
+
+
+def test_which_command_lines_start_the_engine_process_early():
+    assert engine_spawn.wanted(["serve", "model", "--port", "8000"])
+    assert engine_spawn.wanted(["serve", "--", "--help"])  # after "--": not serve's own flags
+    for argv in (["serve", "--no-engine-process"], ["serve", "--help"], ["serve", "-h"], ["serve", "--help=all"],
+                 ["chat"], ["bench", "serve"], []):
+        assert not engine_spawn.wanted(argv), argv
+
+
+def test_an_early_process_nobody_takes_ends_with_the_command():
+    engine_spawn.start_early()
+    spawn = engine_spawn._early
+    engine_spawn.discard_early()
+    assert not spawn.process.is_alive() and spawn.process.exitcode is not None
+    assert not os.path.exists(spawn.folder) and engine_spawn._early is None
