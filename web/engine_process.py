@@ -34,6 +34,7 @@ import itertools
 import logging
 import pickle
 import struct
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
@@ -199,6 +200,11 @@ async def _run_engine_process(path: str) -> None:
     except (OSError, asyncio.IncompleteReadError):  # the API process went away before it needed us
         return
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # tqdm's default lock is a multiprocessing semaphore; in a spawned process the resource tracker
+    # then warns of it as leaked at exit. Progress bars here are written by this process's threads.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         engine = ProcessEngine(config, channel)
     except Exception as e:
