@@ -390,6 +390,9 @@ class EngineClient:
             if not self._closing:
                 await asyncio.get_running_loop().run_in_executor(None, self.process.join, 5.0)
                 self._die(f"the engine process exited (exit code {self.process.exitcode})")
+        except Exception as e:  # a frame this side cannot read: no later output could be trusted
+            logger.exception("reading the engine process's messages failed")
+            self._die(f"reading the engine process's messages failed: {e!r}")
 
     def _outputs(self, counters: tuple, items: list[tuple]) -> None:
         self._counters = EngineCounters(*counters)
