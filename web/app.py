@@ -102,7 +102,11 @@ def freeze_startup_heap() -> None:
 
 async def serve(engine: AsyncEngine, settings: ServerSettings, host: str, port: int) -> None:
     """Run the app until cancelled, then stop it and shut the engine down."""
-    runner = await start_server(engine, settings, host, port)
+    try:
+        runner = await start_server(engine, settings, host, port)
+    except BaseException:  # the port in use, say: the engine (its process) still ends
+        await engine.shutdown()
+        raise
     freeze_startup_heap()
     try:
         await asyncio.Event().wait()

@@ -14,7 +14,7 @@ They talk over a Unix socket, one pickled frame (4-byte length, then the payload
                      ("add", id, prompt text, prompt ids, params, priority)   ("abort", id)
                      ("grammar", call, structured_outputs)                    ("shutdown",)
   engine -> client   ("ready", config) or ("failed", reason), once
-                     ("added", id) or ("refused", id, error type, message), per add
+                     ("added", id, counters) or ("refused", id, error type, message, counters), per add
                      ("out", counters, [output, ...]): every output of one engine iteration
                      ("grammar", call, message or None)   ("dead", reason)
 
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<I")
 LARGE_PROMPT_CHARS = 20_000  # tokenized in a worker thread, as AsyncEngine does
-ERRORS = {"ValueError": ValueError, "EngineDeadError": EngineDeadError}
+ERRORS = {"EngineDeadError": EngineDeadError, "ValueError": ValueError}  # what a refusal can be, in this order
 
 
 class Channel:
@@ -102,8 +102,7 @@ class ProcessEngine(AsyncEngine):
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         if outputs:
-            counters = tuple(vars(self.core.counters()).values())
-            self.channel.send(("out", counters, [encode_output(o) for o in outputs]))
+            self.channel.send(("out", self._counters_now(), [encode_output(o) for o in outputs]))
 
     def _fail_waiting(self, error: EngineDeadError) -> None:
         self.channel.send(("dead", str(error)))
@@ -120,7 +119,9 @@ class ProcessEngine(AsyncEngine):
                 return
             kind = message[0]
             if kind == "add":
-                if message[4].structured_outputs is not None:  # compiled in a worker thread first
+                if message[1] in self._adding:  # as add_request() would for an id in use
+                    self._refuse(message[1], ValueError(f"request id {message[1]!r} is already in use"))
+                elif message[4].structured_outputs is not None:  # compiled in a worker thread first
                     self._adding.add(message[1])
                     task = asyncio.create_task(self._add_compiled(*message[1:]))
                     tasks.add(task)
@@ -148,11 +149,18 @@ class ProcessEngine(AsyncEngine):
                 raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
             self.core.add_request(request_id, text, params, priority, ids, grammar)
         except Exception as e:
-            self.channel.send(("refused", request_id, type(e).__name__, str(e)))
+            self._refuse(request_id, e)
             return
-        self.channel.send(("added", request_id))
+        self.channel.send(("added", request_id, self._counters_now()))
         self._ensure_loop()
         self._wakeup.set()
+
+    def _refuse(self, request_id: str, error: Exception) -> None:
+        kind = next((name for name, cls in ERRORS.items() if isinstance(error, cls)), type(error).__name__)
+        self.channel.send(("refused", request_id, kind, str(error), self._counters_now()))
+
+    def _counters_now(self) -> tuple:
+        return tuple(vars(self.core.counters()).values())
 
     async def _add_compiled(self, request_id: str, text, ids, params: SamplingParams, priority: int) -> None:
         try:
@@ -166,7 +174,7 @@ class ProcessEngine(AsyncEngine):
             self._aborted_early.discard(request_id)
             error = error or ValueError("aborted")
         if error is not None:
-            self.channel.send(("refused", request_id, type(error).__name__, str(error)))
+            self._refuse(request_id, error)
         else:
             self._add(request_id, text, ids, params, priority, grammar)
 
@@ -253,6 +261,7 @@ class EngineClient:
         self._calls = itertools.count()
         self._grammar_calls: dict[int, asyncio.Future] = {}
         self._counters = EngineCounters()
+        self._unanswered = 0  # adds sent, not yet answered "added" or "refused"
         self._closing = False
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="aio-engine-client")
 
@@ -297,13 +306,16 @@ class EngineClient:
     async def check_health(self) -> None:
         if self.dead_error is not None:
             raise EngineDeadError(f"engine process died: {self.dead_error}")
+        if self._closing:
+            raise EngineDeadError("the engine was shut down")
 
     @property
     def num_waiting(self) -> int:
-        return self._counters.waiting
+        """Waiting in the engine as of its last message, plus adds it has not answered yet."""
+        return self._counters.waiting + self._unanswered
 
     def counters(self) -> EngineCounters:
-        """As of the engine's last iteration that had outputs."""
+        """As of the engine's last message (every answer to an add and every iteration with outputs)."""
         return self._counters
 
     def default_sampling_params(self) -> SamplingParams:
@@ -319,16 +331,24 @@ class EngineClient:
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if prompt_token_ids is not None:
-            text = prompt if isinstance(prompt, str) else None
-        elif isinstance(prompt, str) and len(prompt) > LARGE_PROMPT_CHARS:
-            text, prompt_token_ids = await asyncio.get_running_loop().run_in_executor(
-                None, tokenize_prompt, self.tokenizer, prompt)
-        else:
-            text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
-        stream = RequestStream(params.output_kind, text, list(prompt_token_ids))
-        self._streams[request_id] = stream
+        # Registered before a long prompt's tokenization (a worker thread), so that accepted() waits.
+        stream = self._streams[request_id] = RequestStream(params.output_kind, None, [])
+        try:
+            if prompt_token_ids is not None:
+                text = prompt if isinstance(prompt, str) else None
+            elif isinstance(prompt, str) and len(prompt) > LARGE_PROMPT_CHARS:
+                text, prompt_token_ids = await asyncio.get_running_loop().run_in_executor(
+                    None, tokenize_prompt, self.tokenizer, prompt)
+            else:
+                text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
+            await self.check_health()
+        except BaseException as e:
+            self._streams.pop(request_id, None)
+            stream.answer.set_result(e if isinstance(e, Exception) else EngineDeadError("cancelled"))
+            raise
+        stream.prompt, stream.prompt_token_ids = text, list(prompt_token_ids)
         self.channel.send(("add", request_id, text, stream.prompt_token_ids, params, priority))
+        self._unanswered += 1
         finished = False
         try:
             while not finished:
@@ -375,11 +395,15 @@ class EngineClient:
                 if kind == "out":
                     self._outputs(message[1], message[2])
                 elif kind == "added":
+                    self._unanswered -= 1
+                    self._counters = EngineCounters(*message[2])
                     stream = self._streams.get(message[1])
                     if stream is not None and not stream.answer.done():
                         stream.answer.set_result(None)
                 elif kind == "refused":
-                    self._refused(*message[1:])
+                    self._unanswered -= 1
+                    self._counters = EngineCounters(*message[4])
+                    self._refused(*message[1:4])
                 elif kind == "grammar":
                     future = self._grammar_calls.pop(message[1], None)
                     if future is not None and not future.done():
@@ -387,9 +411,10 @@ class EngineClient:
                 elif kind == "dead":
                     self._die(message[1])
         except (asyncio.IncompleteReadError, ConnectionError):
-            if not self._closing:
+            if not self._closing:  # dead at once (health 503, no new request), the exit code after
+                self._die("the engine process exited")
                 await asyncio.get_running_loop().run_in_executor(None, self.process.join, 5.0)
-                self._die(f"the engine process exited (exit code {self.process.exitcode})")
+                logger.error("the engine process's exit code: %s", self.process.exitcode)
         except Exception as e:  # a frame this side cannot read: no later output could be trusted
             logger.exception("reading the engine process's messages failed")
             self._die(f"reading the engine process's messages failed: {e!r}")
@@ -399,7 +424,9 @@ class EngineClient:
         streams = self._streams
         for request_id, completions, finished, cached, metrics, prompt_logprobs in items:
             stream = streams.get(request_id)
-            if stream is None:  # its consumer left (an abort is on its way) or it ended already
+            if stream is None or not stream.answer.done():
+                # Its consumer left (an abort is on its way) or it ended already; or this id's
+                # earlier request, aborted, ends before the engine has answered the new one's add.
                 continue
             stream.put(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids,
                                      [CompletionOutput(*c) for c in completions], finished, cached,
@@ -418,14 +445,19 @@ class EngineClient:
     def _die(self, reason: str) -> None:
         logger.error("engine: %s", reason)
         self.dead_error = EngineDeadError(reason)
+        self._fail_all(self.dead_error)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        """Every open request, unanswered add and grammar call ends with `error`."""
         for stream in self._streams.values():
             if not stream.answer.done():
-                stream.answer.set_result(self.dead_error)
-            stream.put(self.dead_error)
+                stream.answer.set_result(error)
+            stream.put(error)
         self._streams.clear()
+        self._unanswered = 0
         for future in self._grammar_calls.values():
             if not future.done():
-                future.set_exception(EngineDeadError(reason))
+                future.set_exception(EngineDeadError(str(error)))
         self._grammar_calls.clear()
 
     async def shutdown(self) -> None:
@@ -441,22 +473,21 @@ class EngineClient:
         await asyncio.get_running_loop().run_in_executor(None, self.spawn.stop, 30.0)
         self._reader.cancel()
         self.channel.close()
-        for stream in self._streams.values():
-            stream.put(EngineDeadError("the engine was shut down"))
-        self._streams.clear()
+        self._fail_all(EngineDeadError("the engine was shut down"))
 
 
 async def _watching(process, future: asyncio.Future, timeout: float | None):
     """`future`'s result, or RuntimeError as soon as the engine process has exited."""
     waited = 0.0
-    while True:
-        done, _ = await asyncio.wait({future}, timeout=0.5)
-        if done:
-            return future.result()
-        waited += 0.5
-        if not process.is_alive():
-            future.cancel()
-            raise RuntimeError(f"the engine process exited during startup (exit code {process.exitcode})")
-        if timeout is not None and waited >= timeout:
-            future.cancel()
-            raise TimeoutError(f"the engine process was not ready after {timeout:.0f} s")
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.5)
+            if done:
+                return future.result()
+            waited += 0.5
+            if not process.is_alive():
+                raise RuntimeError(f"the engine process exited during startup (exit code {process.exitcode})")
+            if timeout is not None and waited >= timeout:
+                raise TimeoutError(f"the engine process was not ready after {timeout:.0f} s")
+    finally:
+        future.cancel()  # a no-op once done

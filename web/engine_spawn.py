@@ -12,12 +12,16 @@ once connected, the listener and the folder go away.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 _early: EngineSpawn | None = None
 
@@ -58,9 +62,24 @@ class EngineSpawn:
 def engine_main(path: str) -> None:
     """The engine process's entry: the heavy imports, then the engine (web/engine_process.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which ends this one
+    _end_with_parent()
     from .engine_process import run_engine_process
 
     run_engine_process(path)
+
+
+def _end_with_parent() -> None:
+    """On Linux, a SIGTERM when the API process dies, even during startup (minutes of compile and
+    graph capture holding the GPU otherwise, until the closed socket is noticed)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call
+        os._exit(0)
 
 
 def wanted(argv: list[str]) -> bool:

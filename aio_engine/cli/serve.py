@@ -59,17 +59,17 @@ async def _serve(args: EngineArgs, settings, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    if settings.engine_process:
-        from web.engine_process import EngineClient
-
-        engine = await EngineClient.start(args.create_engine_config())
-    else:
-        from web import engine_spawn
-
-        engine_spawn.discard_early()  # started for a command line whose config file said no
-        engine = AsyncEngine.from_engine_args(args)
-    settings = dataclasses.replace(settings, served_model_names=engine.config.model.served_model_names)
     try:
+        if settings.engine_process:
+            from web.engine_process import EngineClient
+
+            engine = await EngineClient.start(args.create_engine_config())
+        else:
+            from web import engine_spawn
+
+            engine_spawn.discard_early()  # started for a command line whose config file said no
+            engine = AsyncEngine.from_engine_args(args)
+        settings = dataclasses.replace(settings, served_model_names=engine.config.model.served_model_names)
         await serve(engine, settings, host, port)
     except asyncio.CancelledError:
         logger.info("shut down")

@@ -36,6 +36,11 @@ async def remote(tiny_models):
     yield client
     await client.shutdown()
     assert client.process.exitcode == 0
+    with pytest.raises(EngineDeadError, match="shut down"):
+        await client.check_health()
+    with pytest.raises(EngineDeadError):
+        await anext(client.generate("after shutdown", SamplingParams(max_tokens=2), "late"))
+    assert not client._streams
 
 
 async def run(engine, prompt, params: SamplingParams, request_id: str):
@@ -97,6 +102,44 @@ async def test_leaving_early_aborts_in_the_engine_process_and_frees_its_blocks(r
         await gen.aclose()
     await wait_drained(remote)
     assert remote.counters().generated_tokens < 6 * 120
+
+
+async def test_adds_not_yet_answered_count_as_waiting(remote):
+    """Admission (--max-waiting-requests) reads num_waiting: a burst of adds counts before the
+    engine process has answered any of them, and each answer brings its counters."""
+    await wait_drained(remote)
+    gens = [remote.generate(f"burst {i}", SamplingParams(max_tokens=4, ignore_eos=True), f"burst-{i}")
+            for i in range(3)]
+    firsts = [asyncio.ensure_future(anext(g)) for g in gens]
+    await asyncio.sleep(0)  # the adds are sent; the reader has not run since
+    assert remote.num_waiting >= 3
+    for rid in (f"burst-{i}" for i in range(3)):
+        await remote.accepted(rid)
+    assert remote._unanswered == 0
+    await asyncio.gather(*firsts)
+    for g in gens:
+        async for _ in g:
+            pass
+    await wait_drained(remote)
+
+
+async def test_an_id_left_early_can_be_used_again(remote):
+    """The old request's last frames never reach the new one of the same id: it runs to its own
+    end, or is refused while the old one is still being aborted (as in one process)."""
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    for _ in range(5):
+        await wait_drained(remote)
+        gen = remote.generate("reuse", params, "reused")
+        await anext(gen)
+        await gen.aclose()
+        try:
+            out = await asyncio.wait_for(run(remote, "reuse", SamplingParams(max_tokens=3, ignore_eos=True),
+                                             "reused"), timeout=20)
+        except ValueError as e:
+            assert "already in use" in str(e)
+        else:
+            assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+    await wait_drained(remote)
 
 
 async def test_abort_ends_the_stream_with_finish_reason_abort(remote):
