@@ -33,6 +33,7 @@ import asyncio
 import itertools
 import logging
 import pickle
+import socket
 import struct
 import threading
 import uuid
@@ -203,7 +204,10 @@ async def _run_engine_process(path: str) -> None:
     from .app import freeze_startup_heap
 
     try:
-        channel = Channel(*await asyncio.open_unix_connection(path))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # (uvloop's connect takes no abstract address)
+        sock.connect(path)
+        sock.setblocking(False)
+        channel = Channel(*await asyncio.open_unix_connection(sock=sock))
         _, config, log_level = await channel.recv()
     except (OSError, asyncio.IncompleteReadError):  # the API process went away before it needed us
         return

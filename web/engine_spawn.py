@@ -6,8 +6,11 @@ would add to every start of `aio-engine serve`. So the CLI starts the engine pro
 waits on its socket for the engine config that the command line yields, and EngineClient.start()
 takes it (`take()`). This module imports nothing heavy for that reason.
 
-The engine process connects to a Unix socket this process listens on, in a folder of its own;
-once connected, the listener and the folder go away.
+The engine process connects to a Unix socket this process listens on (on Linux an abstract
+address, so a killed process leaves no file behind; elsewhere in a folder of its own); once
+connected, the listener goes away. On Linux the engine process also asks the kernel for a SIGTERM
+when its parent dies (PR_SET_PDEATHSIG, which follows the thread that spawned it: the CLI's main
+thread).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import signal
 import socket
 import sys
 import tempfile
+import uuid
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
@@ -30,8 +34,12 @@ class EngineSpawn:
     """A spawned engine process and the listening socket it connects to."""
 
     def __init__(self) -> None:
-        self.folder = tempfile.mkdtemp(prefix="aio-engine-")
-        self.path = os.path.join(self.folder, "engine.sock")
+        if sys.platform.startswith("linux"):  # an abstract address: nothing on disk to leave behind
+            self.folder = None
+            self.path = f"\0aio-engine-{os.getpid()}-{uuid.uuid4().hex}"
+        else:
+            self.folder = tempfile.mkdtemp(prefix="aio-engine-")
+            self.path = os.path.join(self.folder, "engine.sock")
         self.listener: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
         self.listener.listen(1)
@@ -44,7 +52,8 @@ class EngineSpawn:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     def stop(self, grace: float) -> None:
         """Wait up to `grace` seconds for the process to end, then terminate it, then kill it."""
