@@ -135,10 +135,13 @@ class EngineCore:
                                       config=self.config.structured_outputs, stop_token_ids=list(self.eos_token_ids))
 
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, prompt_token_ids: list[int] | None = None, grammar=None) -> list[Request]:
+                    priority: int = 0, prompt_token_ids: list[int] | None = None, grammar=None,
+                    arrival_time: float | None = None) -> list[Request]:
         """Validate and queue a request (n sequences for n > 1); ValueError for anything the
         engine cannot serve. Returns the queued sequences. `grammar` is the compiled grammar of
-        params.structured_outputs when the caller compiled it already (off the event loop)."""
+        params.structured_outputs when the caller compiled it already (off the event loop);
+        `arrival_time` (time.monotonic()) when the request arrived elsewhere first (the API
+        process of web/engine_process.py), else now."""
         params = self.default_sampling_params() if params is None else params
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -166,7 +169,7 @@ class EngineCore:
             share_prefix = i > 0 and self.config.cache.enable_prefix_caching
             samples.append(Request(
                 request_id if params.n == 1 else f"{i}_{request_id}", prompt_token_ids, params, self.eos_token_ids,
-                priority, seed=seed, bad_words_ids=bad_words_ids, index=i, parent_id=request_id,
+                priority, arrival_time, seed=seed, bad_words_ids=bad_words_ids, index=i, parent_id=request_id,
                 wait_for=samples[0] if share_prefix else None,
             ))
         if grammar is not None:

@@ -11,7 +11,7 @@ accepted, compile_grammar, counters, health, shutdown), so the routes do not kno
 They talk over a Unix socket, one pickled frame (4-byte length, then the payload) per message:
 
   client -> engine   ("config", config, log level), once, first
-                     ("add", id, prompt text, prompt ids, params, priority)   ("abort", id)
+                     ("add", id, prompt text, prompt ids, params, priority, arrival time)   ("abort", id)
                      ("grammar", call, structured_outputs)                    ("shutdown",)
   engine -> client   ("ready", config) or ("failed", reason), once
                      ("added", id, counters) or ("refused", id, error type, message, counters), per add
@@ -36,6 +36,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -144,11 +145,11 @@ class ProcessEngine(AsyncEngine):
                 logger.error("unknown message %r from the API process", kind)
 
     def _add(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams, priority: int,
-             grammar=None) -> None:
+             arrival: float, grammar=None) -> None:
         try:
             if self.dead_error is not None:
                 raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
-            self.core.add_request(request_id, text, params, priority, ids, grammar)
+            self.core.add_request(request_id, text, params, priority, ids, grammar, arrival)
         except Exception as e:
             self._refuse(request_id, e)
             return
@@ -163,7 +164,8 @@ class ProcessEngine(AsyncEngine):
     def _counters_now(self) -> tuple:
         return tuple(vars(self.core.counters()).values())
 
-    async def _add_compiled(self, request_id: str, text, ids, params: SamplingParams, priority: int) -> None:
+    async def _add_compiled(self, request_id: str, text, ids, params: SamplingParams, priority: int,
+                            arrival: float) -> None:
         try:
             grammar = await self.compile_grammar(params.structured_outputs)
         except Exception as e:
@@ -177,7 +179,7 @@ class ProcessEngine(AsyncEngine):
         if error is not None:
             self._refuse(request_id, error)
         else:
-            self._add(request_id, text, ids, params, priority, grammar)
+            self._add(request_id, text, ids, params, priority, arrival, grammar)
 
     async def _check_grammar(self, call: int, structured_outputs) -> None:
         try:
@@ -331,6 +333,7 @@ class EngineClient:
                        prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
         """As AsyncEngine.generate: outputs of one request until it finishes; leaving early aborts it."""
         await self.check_health()
+        arrival = time.monotonic()  # (CLOCK_MONOTONIC: one clock for both processes)
         params = sampling_params if sampling_params is not None else self.default_sampling_params()
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
         if request_id in self._streams:
@@ -351,7 +354,7 @@ class EngineClient:
             stream.answer.set_result(e if isinstance(e, Exception) else EngineDeadError("cancelled"))
             raise
         stream.prompt, stream.prompt_token_ids = text, list(prompt_token_ids)
-        self.channel.send(("add", request_id, text, stream.prompt_token_ids, params, priority))
+        self.channel.send(("add", request_id, text, stream.prompt_token_ids, params, priority, arrival))
         self._unanswered += 1
         finished = False
         try:
