@@ -28,6 +28,8 @@ from .stats import StatsLogger
 
 logger = logging.getLogger(__name__)
 
+LARGE_PROMPT_CHARS = 20_000  # a text prompt longer than this is tokenized in a worker thread
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; no request can be served until restart."""
@@ -113,7 +115,7 @@ class AsyncEngine:
         """Yield outputs of one request until it finishes. Leaving early aborts it."""
         self._ensure_loop()
         params = sampling_params if sampling_params is not None else self.core.default_sampling_params()
-        if prompt_token_ids is None and isinstance(prompt, str) and len(prompt) > 20_000:
+        if prompt_token_ids is None and isinstance(prompt, str) and len(prompt) > LARGE_PROMPT_CHARS:
             # Tokenizing a huge prompt takes long: keep the loop free.
             loop = asyncio.get_running_loop()
             _, prompt_token_ids = await loop.run_in_executor(None, self.core.tokenize_prompt, prompt)
@@ -238,7 +240,7 @@ class AsyncEngine:
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         """Hand one iteration's outputs (or an abort's final one) to their requests' collectors.
-        The engine process (engine_client.py) sends them over its socket instead."""
+        The engine process (web/engine_process.py) sends them over its socket instead."""
         collectors = self._collectors
         for output in outputs:
             collector = collectors.get(output.request_id)

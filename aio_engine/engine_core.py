@@ -16,8 +16,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 from sampling.params import SamplingParams
 
@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict
 
 
-@dataclass
-class EngineCounters:
-    """The engine's gauges and counters at one moment (what /metrics reports, what admission reads)."""
+class EngineCounters(NamedTuple):
+    """The engine's gauges and counters at one moment (what /metrics reports, what admission reads;
+    a tuple, so it crosses to web/engine_process.py's client as one)."""
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
@@ -112,7 +112,7 @@ class EngineCore:
         kv, sched = self.kv, self.scheduler
         return EngineCounters(len(sched.running), len(sched.waiting), kv.usage, kv.prefix_queries, kv.prefix_hits,
                               self.num_prompt_tokens_computed, self.num_generated_tokens, self.num_steps,
-                              getattr(sched, "num_preemptions", 0))
+                              sched.num_preemptions)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         return tokenize_prompt(self.tokenizer, prompt)

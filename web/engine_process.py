@@ -40,7 +40,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from aio_engine.async_engine import AsyncEngine, EngineDeadError, RequestCollector
+from aio_engine.async_engine import (
+    LARGE_PROMPT_CHARS,
+    AsyncEngine,
+    EngineDeadError,
+    RequestCollector,
+)
 from aio_engine.config import EngineConfig
 from aio_engine.engine_core import (
     EngineCounters,
@@ -57,7 +62,6 @@ from . import engine_spawn
 logger = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<I")
-LARGE_PROMPT_CHARS = 20_000  # tokenized in a worker thread, as AsyncEngine does
 ERRORS = {"EngineDeadError": EngineDeadError, "ValueError": ValueError}  # what a refusal can be, in this order
 
 
@@ -99,12 +103,12 @@ class ProcessEngine(AsyncEngine):
     def __init__(self, config: EngineConfig, channel: Channel) -> None:
         super().__init__(config)
         self.channel = channel
-        self._adding: set[str] = set()  # adds waiting for their grammar
-        self._aborted_early: set[str] = set()  # aborted while waiting
+        self._adding: dict[str, bool] = {}  # adds waiting for their grammar -> aborted meanwhile
+        self._tasks: set[asyncio.Task] = set()  # (kept referenced until done)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         if outputs:
-            self.channel.send(("out", self._counters_now(), [encode_output(o) for o in outputs]))
+            self.channel.send(("out", self.core.counters(), [encode_output(o) for o in outputs]))
 
     def _fail_waiting(self, error: EngineDeadError) -> None:
         self.channel.send(("dead", str(error)))
@@ -112,7 +116,6 @@ class ProcessEngine(AsyncEngine):
     async def serve_channel(self) -> None:
         """Answer the client's messages until "shutdown" or until its end of the socket closes."""
         channel = self.channel
-        tasks: set[asyncio.Task] = set()
         while True:
             try:
                 message = await channel.recv()
@@ -124,21 +127,17 @@ class ProcessEngine(AsyncEngine):
                 if message[1] in self._adding:  # as add_request() would for an id in use
                     self._refuse(message[1], ValueError(f"request id {message[1]!r} is already in use"))
                 elif message[4].structured_outputs is not None:  # compiled in a worker thread first
-                    self._adding.add(message[1])
-                    task = asyncio.create_task(self._add_compiled(*message[1:]))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    self._adding[message[1]] = False
+                    self._spawn(self._add_compiled(*message[1:]))
                 else:
                     self._add(*message[1:])
             elif kind == "abort":
                 if message[1] in self._adding:
-                    self._aborted_early.add(message[1])
+                    self._adding[message[1]] = True
                 else:
                     self._abort_now_or_after_step(message[1])
             elif kind == "grammar":
-                task = asyncio.create_task(self._check_grammar(message[1], message[2]))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self._spawn(self._check_grammar(message[1], message[2]))
             elif kind == "shutdown":
                 return
             else:
@@ -153,16 +152,18 @@ class ProcessEngine(AsyncEngine):
         except Exception as e:
             self._refuse(request_id, e)
             return
-        self.channel.send(("added", request_id, self._counters_now()))
+        self.channel.send(("added", request_id, self.core.counters()))
         self._ensure_loop()
         self._wakeup.set()
 
     def _refuse(self, request_id: str, error: Exception) -> None:
         kind = next((name for name, cls in ERRORS.items() if isinstance(error, cls)), type(error).__name__)
-        self.channel.send(("refused", request_id, kind, str(error), self._counters_now()))
+        self.channel.send(("refused", request_id, kind, str(error), self.core.counters()))
 
-    def _counters_now(self) -> tuple:
-        return tuple(vars(self.core.counters()).values())
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _add_compiled(self, request_id: str, text, ids, params: SamplingParams, priority: int,
                             arrival: float) -> None:
@@ -172,9 +173,7 @@ class ProcessEngine(AsyncEngine):
             grammar, error = None, e
         else:
             error = None
-        self._adding.discard(request_id)
-        if request_id in self._aborted_early:
-            self._aborted_early.discard(request_id)
+        if self._adding.pop(request_id):  # aborted while it compiled
             error = error or ValueError("aborted")
         if error is not None:
             self._refuse(request_id, error)
@@ -239,8 +238,8 @@ async def _run_engine_process(path: str) -> None:
 # --- the API process ---
 
 class RequestStream(RequestCollector):
-    """A request's collector here, with its prompt (outputs arrive without it) and whether the
-    engine took it: None while unanswered, "" once added, else why it was refused."""
+    """A request's collector here, with its prompt (outputs arrive without it) and the engine's
+    answer to its add: a future, None once added, the error if refused."""
 
     def __init__(self, kind, prompt: str | None, prompt_token_ids: list[int]) -> None:
         super().__init__(kind)
@@ -304,10 +303,6 @@ class EngineClient:
     @property
     def errored(self) -> bool:
         return self.dead_error is not None
-
-    @property
-    def is_running(self) -> bool:
-        return self.dead_error is None and not self._closing
 
     async def check_health(self) -> None:
         if self.dead_error is not None:
@@ -403,13 +398,13 @@ class EngineClient:
                     self._outputs(message[1], message[2])
                 elif kind == "added":
                     self._unanswered -= 1
-                    self._counters = EngineCounters(*message[2])
+                    self._counters = message[2]
                     stream = self._streams.get(message[1])
                     if stream is not None and not stream.answer.done():
                         stream.answer.set_result(None)
                 elif kind == "refused":
                     self._unanswered -= 1
-                    self._counters = EngineCounters(*message[4])
+                    self._counters = message[4]
                     self._refused(*message[1:4])
                 elif kind == "grammar":
                     future = self._grammar_calls.pop(message[1], None)
@@ -426,8 +421,8 @@ class EngineClient:
             logger.exception("reading the engine process's messages failed")
             self._die(f"reading the engine process's messages failed: {e!r}")
 
-    def _outputs(self, counters: tuple, items: list[tuple]) -> None:
-        self._counters = EngineCounters(*counters)
+    def _outputs(self, counters: EngineCounters, items: list[tuple]) -> None:
+        self._counters = counters
         streams = self._streams
         for request_id, completions, finished, cached, metrics, prompt_logprobs in items:
             stream = streams.get(request_id)

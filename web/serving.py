@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aio_engine.async_engine import AsyncEngine, EngineDeadError
+from aio_engine.async_engine import LARGE_PROMPT_CHARS, AsyncEngine, EngineDeadError
 from aio_engine.outputs import CompletionOutput, RequestOutput
 from sampling.params import SamplingParams
 
@@ -29,8 +29,6 @@ from .metrics import ServerMetrics
 from .protocol import StreamOptions, expect
 from .responses import TokenNamer, head, now, usage
 from .settings import ServerSettings, clip
-
-LARGE_PROMPT_CHARS = 20_000
 
 logger = logging.getLogger(__name__)
 
