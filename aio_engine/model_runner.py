@@ -464,10 +464,10 @@ class ModelRunner:
                                           getattr(self.sampler, "histories", None))  # tests may stand in for the Sampler
         constrain = None
         if prefilled:  # rows finished since it began are masked too: their tokens are dropped
-            constrain = self.bitmask.upload(logits)
+            constrain = self.bitmask.upload(logits, self.stream)
         elif grammars:  # filled on the host while the GPU runs the forward
             self.bitmask.fill(grammars, grammar_rows)
-            constrain = self.bitmask.upload(logits)
+            constrain = self.bitmask.upload(logits, self.stream)
         step.sampled = self.sampler(logits, md, constrain)
         if self.stream is None:  # CPU: the ids are already home
             step.host_ids = step.sampled.token_ids

@@ -194,23 +194,21 @@ def engine_level(args) -> dict:
     fills: list[tuple[float, int]] = []
     waits: list[float] = []
 
-    class TimedFill:
-        def __init__(self, batch) -> None:
-            self.batch = batch
-
-        def batch_fill_next_token_bitmask(self, matchers, bitmask, rows) -> None:
+    def timed_fill(fill):
+        def timed(handles, bitmask, rows, debug) -> None:
             start = time.perf_counter()
-            self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+            fill(handles, bitmask, rows, debug)
             fills.append((time.perf_counter() - start, len(rows)))
+        return timed
 
     def use_bitmask(threads: str) -> None:
         """The runner's bitmask, with `threads` for a fill, its fills and the waits for them timed."""
         bitmask = BatchBitmask(core.runner.max_num_seqs, vocab, core.config.device, fill_threads=_threads(threads))
-        bitmask._batch = TimedFill(bitmask._batch)
+        bitmask._fill = timed_fill(bitmask._fill)
         finish_fill = bitmask.finish_fill
 
         def timed_finish_fill() -> None:
-            if bitmask._filling is not None:
+            if bitmask._filling:
                 start = time.perf_counter()
                 finish_fill()
                 waits.append(time.perf_counter() - start)

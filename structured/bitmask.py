@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
@@ -55,10 +55,12 @@ class BatchBitmask:
         self._sms: int | None = None  # the device's multiprocessors: the apply kernel's grid
         self._rows: list[int] = []  # the logits rows filled for the current step
         self._rows_sent: list[int] | None = None  # the rows _rows_device holds (CUDA)
-        # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python.
+        self._copy_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows' span -> (device, host) views
+        # xgrammar's batch fill runs the rows on its own C++ threads, in one call from Python (its
+        # FFI call, taking the matchers' handles, without xgrammar's Python wrapper).
         self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
-        self._worker: ThreadPoolExecutor | None = None  # start_fill's thread (made on first use)
-        self._filling: Future | None = None
+        self._fill = self._batch._handle.batch_fill_next_token_bitmask  # (handles, bitmask, rows, debug)
+        self._worker: FillWorker | None = None  # start_fill's thread (made on first use)
 
     @property
     def rows(self) -> list[int]:
@@ -75,9 +77,9 @@ class BatchBitmask:
     def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True) -> None:
         """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
         fill releases the GIL, so the caller's Python runs meanwhile; this call returns once
-        the worker has taken it up) and the next apply(),
-        clear() or finish_fill() waits for it. Until then nothing may call the grammars'
-        matchers (xgrammar moves a matcher's parser through each candidate token while it fills)."""
+        the worker is on its way into xgrammar) and the next apply(), upload(), clear() or
+        finish_fill() waits for it. Until then nothing may call the grammars' matchers (xgrammar
+        moves a matcher's parser through each candidate token while it fills)."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
@@ -87,33 +89,32 @@ class BatchBitmask:
         self._wait_upload()
         if grammars:
             self._fit(grammars[0].vocab_size)
-        live = [i for i, g in enumerate(grammars) if not g.is_terminated]
-        for i in set(range(len(grammars))).difference(live):
-            fill_stop_row(self.host, rows[i], grammars[i].stop_token_ids)
+        handles, live_rows = [], []
+        for grammar, row in zip(grammars, rows):
+            if grammar.is_terminated:
+                fill_stop_row(self.host, row, grammar.stop_token_ids)
+            else:
+                handles.append(grammar._handle)
+                live_rows.append(row)
         self._rows = rows
-        if live:
-            matchers = [grammars[i].matcher for i in live]
-            live_rows = rows if len(live) == len(rows) else [rows[i] for i in live]
-            if not background:
-                self._batch.batch_fill_next_token_bitmask(matchers, self.host, live_rows)
-                return
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="bitmask-fill")
-            started = threading.Event()
-            self._filling = self._worker.submit(self._fill_rows, matchers, live_rows, started)
-            # Hand the worker the GIL until it is inside xgrammar (which runs without it): else it
-            # would start only when this thread next lets the GIL go, often at finish_fill().
-            started.wait()
+        if not handles:
+            return
+        if not background:
+            self._fill(handles, self.host, live_rows, False)
+            return
+        if self._worker is None:
+            self._worker = FillWorker()
+        self._worker.start(self._fill, (handles, self.host, live_rows, False))
 
-    def _fill_rows(self, matchers: list, rows: list[int], started: threading.Event) -> None:
-        started.set()
-        self._batch.batch_fill_next_token_bitmask(matchers, self.host, rows)
+    @property
+    def _filling(self) -> bool:
+        """A fill start_fill() began is still to be waited for."""
+        return self._worker is not None and self._worker.busy
 
     def finish_fill(self) -> None:
         """Wait for the fill start_fill() began, if any (its error, if any, raises here)."""
-        filling, self._filling = self._filling, None
-        if filling is not None:
-            filling.result()
+        if self._worker is not None and self._worker.busy:
+            self._worker.finish()
 
     def clear(self) -> None:
         """No row is masked by the next apply() (a step without constrained sequences)."""
@@ -130,33 +131,40 @@ class BatchBitmask:
         if mask is not None:
             mask(logits)
 
-    def upload(self, logits: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
-        """apply() but the masking itself: the filled rows copied to the device (queued on the
-        current stream), and the masking returned, to run on these logits: None when no row was
-        filled. On CUDA the masking reads only this bitmask's device buffers (`graph_key` says
-        which), so a CUDA graph may hold it and replay it after each upload (sampling/sampler.py)."""
+    def upload(self, logits: torch.Tensor, stream: torch.cuda.Stream | None = None) -> Callable[[torch.Tensor], None] | None:
+        """apply() but the masking itself: the filled rows copied to the device (queued on
+        `stream`, the current stream by default, which must be current), and the masking
+        returned, to run on these logits: None when no row was filled. On CUDA the masking reads
+        only this bitmask's device buffers (`graph_key` says which), so a CUDA graph may hold it
+        and replay it after each upload (sampling/sampler.py)."""
         self.finish_fill()
-        if not self._rows:
+        rows = self._rows
+        if not rows:
             return None
-        if logits.dim() != 2 or logits.shape[-1] != self.vocab_size:
-            raise ValueError(f"apply: logits must be [rows, {self.vocab_size}], got {list(logits.shape)}")
-        if logits.device.type != self.device.type:
+        top = max(rows) + 1
+        shape = logits.shape
+        if len(shape) != 2 or shape[1] != self.vocab_size:
+            raise ValueError(f"apply: logits must be [rows, {self.vocab_size}], got {list(shape)}")
+        if logits.is_cuda != (self.device.type == "cuda"):
             raise ValueError(f"apply: logits are on {logits.device} but the bitmask is for {self.device}")
-        if max(self._rows) >= logits.shape[0]:
-            raise ValueError(f"apply: row {max(self._rows)} is past the {logits.shape[0]} logits rows")
-        if logits.device.type == "cpu":
-            return functools.partial(_apply_on_cpu, bitmask=self.host, rows=self._rows, vocab_size=self.vocab_size)
+        if top > shape[0]:
+            raise ValueError(f"apply: row {top - 1} is past the {shape[0]} logits rows")
+        if not logits.is_cuda:
+            return functools.partial(_apply_on_cpu, bitmask=self.host, rows=rows, vocab_size=self.vocab_size)
         if logits.stride(-1) != 1:
             raise ValueError("apply: the logits' rows must be contiguous")
         self._wait_upload()
-        count, top = len(self._rows), max(self._rows) + 1
-        # The copies and the masking are queued on the current stream, in order: no host sync.
-        self._mask_device[:top, : self.host.shape[1]].copy_(self.host[:top], non_blocking=True)
-        if self._rows != self._rows_sent:  # usually the rows of the step before: on the device already
-            self._rows_host[:count].copy_(torch.tensor(self._rows, dtype=torch.int32))
+        # The copies and the masking are queued on the stream, in order: no host sync.
+        views = self._copy_views.get(top)
+        if views is None:  # the rows' span: usually the one of the step before
+            views = self._copy_views[top] = (self._mask_device[:top, : self.host.shape[1]], self.host[:top])
+        views[0].copy_(views[1], non_blocking=True)
+        count = len(rows)
+        if rows != self._rows_sent:  # usually the rows of the step before: on the device already
+            self._rows_host[:count].copy_(torch.tensor(rows, dtype=torch.int32))
             self._rows_device[:count].copy_(self._rows_host[:count], non_blocking=True)
-            self._rows_sent = self._rows
-        self._uploaded.record(torch.cuda.current_stream(torch.cuda.current_device()))  # (an index: no device lookup)
+            self._rows_sent = rows
+        self._uploaded.record(stream if stream is not None else torch.cuda.current_stream(self.device))
         self._uploading = True
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -170,6 +178,7 @@ class BatchBitmask:
         if words == self.host.shape[1]:
             return
         self.host = torch.zeros(self.max_rows, words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self._copy_views.clear()
         if self.device.type == "cuda":
             self._mask_device.zero_()  # no word of a wider vocabulary before may stay behind
 
@@ -178,6 +187,65 @@ class BatchBitmask:
         if self._uploading:
             self._uploaded.synchronize()
             self._uploading = False
+
+
+class FillWorker:
+    """A thread that runs one call at a time for its caller, handed over by bare locks.
+
+    start() returns once the worker has the call in hand and is on its way into it (the caller
+    waits, its GIL let go, until then): a call that releases the GIL at once (xgrammar's batch
+    fill) then runs beside the caller's Python. Without that handshake the worker would get the
+    GIL only when the caller next let it go, often much later. Bare locks rather than an executor,
+    futures and events: the handover is on every constrained step's path (~40 us less a step).
+    The thread ends when its owner is collected (the thread itself holds only the locks)."""
+
+    def __init__(self) -> None:
+        self._go, self._taken, self._done = threading.Lock(), threading.Lock(), threading.Lock()
+        for lock in (self._go, self._taken, self._done):
+            lock.acquire()
+        self._slot: list = [None, None]  # [(function, args) or None to stop, the call's error]
+        self.busy = False
+        threading.Thread(target=_serve, args=(self._go, self._taken, self._done, self._slot),
+                         name="bitmask-fill", daemon=True).start()
+        weakref.finalize(self, _stop, self._go, self._slot)
+
+    def start(self, function: Callable, args: tuple) -> None:
+        """Run function(*args) in the worker; finish() waits for it."""
+        if self.busy:
+            raise RuntimeError("FillWorker.start: the call before is still to be finished")
+        self._slot[0] = (function, args)
+        self.busy = True
+        self._go.release()
+        self._taken.acquire()
+
+    def finish(self) -> None:
+        """Wait for the call start() began; its error, if any, raises here."""
+        if not self.busy:
+            return
+        self._done.acquire()
+        self.busy = False
+        error, self._slot[1] = self._slot[1], None
+        if error is not None:
+            raise error
+
+
+def _serve(go: threading.Lock, taken: threading.Lock, done: threading.Lock, slot: list) -> None:
+    while True:
+        go.acquire()
+        call, slot[0] = slot[0], None
+        taken.release()
+        if call is None:
+            return
+        try:
+            call[0](*call[1])
+        except BaseException as error:  # noqa: BLE001 (raised in the caller's thread, at finish())
+            slot[1] = error
+        done.release()
+
+
+def _stop(go: threading.Lock, slot: list) -> None:
+    slot[0] = None
+    go.release()
 
 
 class DeviceMask:

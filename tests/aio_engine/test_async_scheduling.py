@@ -316,7 +316,7 @@ def test_a_token_that_breaks_its_grammar_fails_that_request_alone(llm, monkeypat
     ends its request with finish_reason "error", its final output delivered, while its next
     step is already queued (async scheduling), and leaves the other requests alone."""
     runner = llm.core.runner
-    monkeypatch.setattr(runner.bitmask, "upload", lambda logits: runner.bitmask.finish_fill())
+    monkeypatch.setattr(runner.bitmask, "upload", lambda logits, stream=None: runner.bitmask.finish_fill())
     params = [constrained(None, seed, max_tokens=40, regex="[0-9]{30}") for seed in range(4)]
     params[0].ignore_eos = True  # an eos then is no stop: the grammar refuses it where it is accepted at once
     params.append(SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True))
@@ -328,7 +328,7 @@ def test_a_token_that_breaks_its_grammar_fails_that_request_alone(llm, monkeypat
 
 async def test_async_engine_delivers_the_error_of_a_token_that_broke_its_grammar(engine, monkeypatch):
     runner = engine.core.runner
-    monkeypatch.setattr(runner.bitmask, "upload", lambda logits: runner.bitmask.finish_fill())
+    monkeypatch.setattr(runner.bitmask, "upload", lambda logits, stream=None: runner.bitmask.finish_fill())
 
     async def final(p: SamplingParams) -> RequestOutput:
         return [out async for out in engine.generate(PROMPTS[0], p)][-1]

@@ -155,11 +155,11 @@ def test_the_next_fill_runs_while_the_tokens_are_appended_and_the_rows_built(llm
 
     def timed_update(out, tokens, *args, **kwargs):
         if "bitmask" in vars(runner):
-            at_update.append(runner.bitmask._filling is not None)
+            at_update.append(runner.bitmask._filling)
         return update(out, tokens, *args, **kwargs)
 
     def timed_build(rows, *args, **kwargs):
-        at_build.append("bitmask" in vars(runner) and runner.bitmask._filling is not None)
+        at_build.append("bitmask" in vars(runner) and runner.bitmask._filling)
         return build(rows, *args, **kwargs)
 
     monkeypatch.setattr(core.scheduler, "update_after_step", timed_update)

@@ -15,6 +15,7 @@ from structured import (
     build_tokenizer_info,
     unpack_bitmask,
 )
+from structured.bitmask import FillWorker
 from structured.matcher import fill_stop_row
 
 from .conftest import EOS, ODD_VOCAB, PADDED_VOCAB, VOCAB
@@ -97,7 +98,49 @@ def test_a_fill_started_in_the_background_masks_what_fill_masks(service, tokeniz
         assert torch.equal(a, b) and torch.isinf(a[rows]).any() and not torch.isinf(a[[5, 7]]).any()
     background.start_fill(grammars[:1], [2])
     background.clear()  # waits too: nothing is masked, and nothing writes the buffer afterwards
-    assert background.rows == [] and background._filling is None
+    assert background.rows == [] and not background._filling
+
+
+def test_fill_worker_runs_one_call_beside_the_caller_raises_its_error_and_ends_with_its_owner():
+    import gc
+    import threading
+    import time
+
+    worker = FillWorker()
+    released = threading.Event()
+    seen = []
+
+    def blocking(value):  # lets the GIL go until the test releases it
+        released.wait(5)
+        seen.append(value)
+
+    worker.start(blocking, (1,))
+    assert worker.busy and seen == []  # start() returned while the call runs
+    with pytest.raises(RuntimeError, match="still to be finished"):
+        worker.start(blocking, (2,))
+    released.set()
+    worker.finish()
+    assert seen == [1] and not worker.busy
+    worker.finish()  # nothing to wait for
+
+    def failing():
+        raise ValueError("bad fill")
+
+    worker.start(failing, ())
+    with pytest.raises(ValueError, match="bad fill"):
+        worker.finish()
+    worker.start(seen.append, (3,))  # usable after an error
+    worker.finish()
+    assert seen == [1, 3]
+
+    names = lambda: [t for t in threading.enumerate() if t.name == "bitmask-fill"]  # noqa: E731
+    before = len(names())
+    del worker
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while len(names()) >= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(names()) == before - 1
 
 
 def test_terminated_grammar_row_allows_only_eos(service, tokenizer):
