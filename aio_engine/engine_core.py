@@ -253,21 +253,25 @@ class EngineCore:
         """Tokens -> requests -> outputs. `then_sample`: the launched step sampled next, whose
         bitmask (if it has constrained rows) starts filling once the grammars have advanced."""
         self.num_steps += 1
-        # Grammars first (each takes its request's new token, in one call into xgrammar), so that
-        # the next step's bitmask starts filling before the tokens are appended: the fill is the
-        # longest part of a constrained step's host work. A token that also ends its request
-        # (length, eos) is accepted too, and that request's grammar then left alone.
+        # Grammars first, so that the next step's bitmask starts filling before the tokens are
+        # appended: the fill is the longest part of a constrained step's host work. The bitmask's
+        # worker takes the tokens (xgrammar's accept, then the fill, both without the GIL) while
+        # this thread appends them; or, with no fill to start, they are accepted here, in one
+        # call into xgrammar. A token that also ends its request (length, eos) is accepted too,
+        # and that request's grammar then left alone.
         constrained = [(r, token) for sched, token in zip(out.scheduled, result.tokens)
                        if token is not None and (r := sched.request).live_grammar is not None]
+        accept = ([r.grammar for r, _ in constrained], [token for _, token in constrained]) if constrained else None
+        in_worker = then_sample is not None and self.runner.start_fill(*then_sample, accept=accept)
         accepted = None
-        if constrained:
+        if constrained and not in_worker:
             from structured.matcher import accept_batch
 
-            accepted = accept_batch([r.grammar for r, _ in constrained], [token for _, token in constrained])
-        if then_sample is not None:
-            self.runner.start_fill(*then_sample)
+            accepted = accept_batch(*accept)
         changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
         self.num_generated_tokens += len(changed)
+        if in_worker:
+            accepted = self.runner.bitmask.accepted()
         if constrained:
             self._end_by_grammar(constrained, accepted)
         return self.outputs.process(changed, self.scheduler.finish_request)
@@ -295,8 +299,9 @@ class EngineCore:
             enqueue N+1      blocking   forward N+1 queued behind N, its inputs N's ids on the GPU;
                                         its sampling too, unless a row samples from its tokens so far
             wait N           blocking   N's ids home (the one host sync)
-            finish N         host       grammars advanced (then N+1's bitmask starts filling in
-                                        a worker thread), tokens appended, stops, outputs
+            finish N         host       N's tokens handed to the bitmask's worker thread (the
+                                        grammars accept them, then N+1's bitmask fills there)
+                                        while they are appended here; stops, outputs
 
         A step whose rows sample from their tokens so far (grammars, penalties, min_tokens, bad
         words) leaves its sampling to the next iteration ("late"), after its step before is

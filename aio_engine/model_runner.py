@@ -417,16 +417,21 @@ class ModelRunner:
             self._record_done(step)
 
     @torch.inference_mode()  # as every other use of the bitmask's host buffer
-    def start_fill(self, out: SchedulerOutput, step: LaunchedStep) -> None:
+    def start_fill(self, out: SchedulerOutput, step: LaunchedStep, accept=None) -> bool:
         """Begin the bitmask fill of a step that sample() will sample, from the grammars' state
-        now, in the bitmask's worker thread: the engine calls it as soon as the step before has
-        advanced the grammars, so that the fill runs while the host finishes that step."""
+        now, in the bitmask's worker thread: the engine calls it as soon as the step before is
+        home, so that the fill runs while the host finishes that step. `accept`: that step's
+        (grammars, tokens), for the worker to accept first (BatchBitmask.start_fill). Returns
+        whether it took them: then the caller gets accept_batch's answer from
+        `self.bitmask.accepted()`; else (no row to fill) the caller accepts them itself."""
         picked = [(grammar, j) for j, i in enumerate(step.sample_rows)
                   if (grammar := out.scheduled[i].request.live_grammar) is not None]
-        if picked:
-            grammars, rows = zip(*picked)
-            self.bitmask.start_fill(grammars, rows)
-            self._fill_started = step
+        if not picked:
+            return False
+        grammars, rows = zip(*picked)
+        self.bitmask.start_fill(grammars, rows, accept=accept)
+        self._fill_started = step
+        return accept is not None
 
     def _enqueue_sampling(self, out: SchedulerOutput, step: LaunchedStep, logits: torch.Tensor) -> None:
         """Rows from the requests' state, the constrained rows' bitmask, the sampler, the ids' copy home."""

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 import xgrammar as xgr
 
-from .matcher import RequestGrammar, fill_stop_row
+from .matcher import RequestGrammar, batch_accept_token, fill_stop_row, settle_accepts
 
 
 class BatchBitmask:
@@ -61,6 +61,11 @@ class BatchBitmask:
         self._batch = xgr.BatchGrammarMatcher(fill_threads)  # see StructuredOutputsConfig.fill_threads
         self._fill = self._batch._handle.batch_fill_next_token_bitmask  # (handles, bitmask, rows, debug)
         self._worker: FillWorker | None = None  # start_fill's thread (made on first use)
+        # An accept handed to start_fill: (grammars, tokens, xgrammar's answer or the slot it comes in).
+        self._accepting: tuple | None = None
+        self._accept_slot: list = [None]  # the worker's answer: an FFI array, or the accept's error
+        self._accept_done = threading.Lock()  # released by the worker once the slot holds the answer
+        self._accept_done.acquire()
 
     @property
     def rows(self) -> list[int]:
@@ -74,12 +79,19 @@ class BatchBitmask:
         """
         self.start_fill(grammars, rows, background=False)
 
-    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True) -> None:
+    def start_fill(self, grammars: Sequence[RequestGrammar], rows: Sequence[int], background: bool = True,
+                   accept: tuple[Sequence[RequestGrammar], Sequence[int]] | None = None) -> None:
         """fill() in the background: xgrammar fills the live rows in a worker thread (its batch
         fill releases the GIL, so the caller's Python runs meanwhile; this call returns once
         the worker is on its way into xgrammar) and the next apply(), upload(), clear() or
         finish_fill() waits for it. Until then nothing may call the grammars' matchers (xgrammar
-        moves a matcher's parser through each candidate token while it fills)."""
+        moves a matcher's parser through each candidate token while it fills).
+
+        `accept`: (grammars, tokens) that the worker gives xgrammar first (accept_batch's call,
+        also without the GIL), the step before's tokens, so that the fill sees them. The caller
+        must then call accepted(), which waits for that part only and returns what accept_batch
+        would: the caller's Python between the two runs beside xgrammar's accept. A row whose
+        grammar a stop token of `accept` terminates is filled as terminated."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
@@ -87,24 +99,54 @@ class BatchBitmask:
             raise ValueError(f"fill: rows must be distinct and in [0, {self.max_rows}), got {rows}")
         self.finish_fill()
         self._wait_upload()
+        stopping: set[int] = set()  # ids of grammars a stop token in `accept` terminates
+        if accept is not None:
+            accepting, tokens = list(accept[0]), [int(t) for t in accept[1]]
+            if len(accepting) != len(tokens):
+                raise ValueError(f"accept: {len(accepting)} grammars but {len(tokens)} tokens")
+            stopping = {id(g) for g, t in zip(accepting, tokens) if g.stops_at(t)}
         if grammars:
             self._fit(grammars[0].vocab_size)
         handles, live_rows = [], []
         for grammar, row in zip(grammars, rows):
-            if grammar.is_terminated:
+            if grammar.is_terminated or id(grammar) in stopping:
                 fill_stop_row(self.host, row, grammar.stop_token_ids)
             else:
                 handles.append(grammar._handle)
                 live_rows.append(row)
         self._rows = rows
-        if not handles:
+        if accept is None and not handles:
             return
         if not background:
-            self._fill(handles, self.host, live_rows, False)
+            if accept is not None:
+                self._accepting = (accepting, tokens, batch_accept_token([g._handle for g in accepting], tokens, False))
+            if handles:
+                self._fill(handles, self.host, live_rows, False)
             return
         if self._worker is None:
             self._worker = FillWorker()
-        self._worker.start(self._fill, (handles, self.host, live_rows, False))
+        if accept is None:
+            self._worker.start(self._fill, (handles, self.host, live_rows, False))
+            return
+        self._accept_done.acquire(blocking=False)  # an accepted() never asked for leaves it released
+        self._accepting = (accepting, tokens, self._accept_slot)
+        self._worker.start(_accept_then_fill, (self._accept_slot, self._accept_done, [g._handle for g in accepting],
+                                               tokens, self._fill, handles, self.host, live_rows))
+
+    def accepted(self) -> list[bool]:
+        """Wait for the accept start_fill(accept=...) handed the worker (not for the fill after
+        it), count the tokens into their grammars; which tokens xgrammar took (accept_batch's
+        answer). Its error, if any, raises here."""
+        if self._accepting is None:
+            raise RuntimeError("accepted: start_fill() was given nothing to accept")
+        grammars, tokens, result = self._accepting
+        self._accepting = None
+        if result is self._accept_slot:  # in the worker
+            self._accept_done.acquire()
+            result, self._accept_slot[0] = self._accept_slot[0], None
+            if isinstance(result, BaseException):
+                raise result
+        return settle_accepts(grammars, tokens, result)
 
     @property
     def _filling(self) -> bool:
@@ -241,6 +283,21 @@ def _serve(go: threading.Lock, taken: threading.Lock, done: threading.Lock, slot
         except BaseException as error:  # noqa: BLE001 (raised in the caller's thread, at finish())
             slot[1] = error
         done.release()
+
+
+def _accept_then_fill(slot: list, done: threading.Lock, accept_handles: list, tokens: list[int], fill: Callable,
+                      fill_handles: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """The worker's call for start_fill(accept=...): xgrammar's accept, its answer handed over
+    (the caller waits in accepted(), its GIL let go, so this thread goes on at once), then the fill."""
+    try:
+        slot[0] = batch_accept_token(accept_handles, tokens, False)
+    except BaseException as error:  # noqa: BLE001 (raised by accepted(); no fill then)
+        slot[0] = error
+        return
+    finally:
+        done.release()
+    if fill_handles:
+        fill(fill_handles, bitmask, rows, False)
 
 
 def _stop(go: threading.Lock, slot: list) -> None:

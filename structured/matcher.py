@@ -51,6 +51,10 @@ class RequestGrammar:
         if token_id in self._stops:
             self._terminated = True
 
+    def stops_at(self, token_id: int) -> bool:
+        """Accepting this token would terminate the grammar (it is a stop token)."""
+        return token_id in self._stops
+
     @property
     def is_completed(self) -> bool:
         """The output so far is a whole sentence of the grammar (a stop token is allowed next)."""
@@ -108,7 +112,16 @@ def accept_batch(grammars: Sequence[RequestGrammar], token_ids: Sequence[int]) -
     if len(grammars) != len(token_ids):
         raise ValueError(f"accept_batch: {len(grammars)} grammars but {len(token_ids)} tokens")
     tokens = [int(t) for t in token_ids]
-    result = _xgr_core.BatchGrammarMatcher.batch_accept_token([g._handle for g in grammars], tokens, False)
+    return settle_accepts(grammars, tokens, batch_accept_token([g._handle for g in grammars], tokens, False))
+
+
+# xgrammar's C++ batch accept, under its Python wrapper: (matcher handles, tokens, debug) -> an
+# FFI array of 0/1, run without the GIL (BatchBitmask may run it in its worker thread).
+batch_accept_token = _xgr_core.BatchGrammarMatcher.batch_accept_token
+
+
+def settle_accepts(grammars: Sequence[RequestGrammar], tokens: list[int], result) -> list[bool]:
+    """Count the tokens batch_accept_token took (`result`) into their grammars; which it took."""
     accepted = [bool(ok) for ok in result] if _array_contains(result, 0) else [True] * len(tokens)
     for grammar, token, ok in zip(grammars, tokens, accepted):
         if ok:

@@ -135,10 +135,11 @@ def test_a_bitmask_filled_while_the_step_before_finishes_gives_the_tokens_of_one
     params = [constrained(closers, 77 + i, json=SCHEMAS[n]) for i, n in enumerate(names)]
     runner, started = llm.core.runner, []
     start_fill = runner.start_fill
-    monkeypatch.setattr(runner, "start_fill", lambda out, step: (started.append(step), start_fill(out, step)))
+    monkeypatch.setattr(runner, "start_fill",
+                        lambda out, step, accept=None: started.append(step) or start_fill(out, step, accept))
     early = run(llm, params)
     assert len(started) > 10  # async scheduling: most decode steps' masks are started early
-    monkeypatch.setattr(runner, "start_fill", lambda out, step: None)  # every mask filled at sampling
+    monkeypatch.setattr(runner, "start_fill", lambda out, step, accept=None: False)  # every mask filled at sampling
     late = run(llm, params)
     for name, a, b in zip(names, early, late):
         validate(SCHEMAS[name], finished_text(a))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import xgrammar as xgr
@@ -11,6 +13,7 @@ from structured import (
     GrammarCompilerService,
     RequestGrammar,
     StructuredOutputsParams,
+    accept_batch,
     apply_bitmask_reference,
     build_tokenizer_info,
     unpack_bitmask,
@@ -100,6 +103,79 @@ def test_a_fill_started_in_the_background_masks_what_fill_masks(service, tokeniz
     background.clear()  # waits too: nothing is masked, and nothing writes the buffer afterwards
     assert background.rows == [] and not background._filling
 
+
+
+def _walk(grammar: RequestGrammar, steps: int, rng: random.Random) -> None:
+    """Feed the grammar `steps` tokens its own bitmask allows (not a stop token)."""
+    row = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
+    for _ in range(steps):
+        grammar.matcher.fill_next_token_bitmask(row, 0)
+        allowed = [t for t in unpack_bitmask(row, VOCAB)[0].nonzero().flatten().tolist() if t != EOS]
+        assert grammar.accept_token(rng.choice(allowed))
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_an_accept_handed_to_the_fill_equals_accept_batch_then_fill(service, tokenizer, background):
+    """start_fill(accept=...) (the worker accepts the step's tokens, then fills) gives what
+    accept_batch then fill give: the same answers, counts, terminations and bitmask rows, a
+    refused token refused, a stop token's row filled as terminated."""
+    specs = [StructuredOutputsParams(json_object=True), StructuredOutputsParams(regex="[0-9]{2,6}"),
+             StructuredOutputsParams(regex="[a-z]+"), StructuredOutputsParams(choice=["yes", "no"])]
+    compiled = [service.compile_sync(s) for s in specs]
+    ours, theirs = [RequestGrammar(c) for c in compiled], [RequestGrammar(c) for c in compiled]
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        _walk(a, 2, random.Random(i))
+        _walk(b, 2, random.Random(i))
+    digits = ours[1].matcher  # two digits in: a stop token ends it
+    assert digits.is_completed()
+    row = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
+    ours[0].matcher.fill_next_token_bitmask(row, 0)
+    allowed = unpack_bitmask(row, VOCAB)[0]
+    refused = int((~allowed).nonzero()[1])  # a token the JSON grammar does not allow here
+    ours[2].matcher.fill_next_token_bitmask(row, 0)
+    letter = int(unpack_bitmask(row, VOCAB)[0].nonzero()[1])
+    tokens = [refused, EOS, letter, tokenizer.encode("yes")[0]]
+    rows = [5, 0, 2, 7]
+    a_mask, b_mask = BatchBitmask(8, VOCAB), BatchBitmask(8, VOCAB)
+    a_mask.start_fill(ours, rows, background=background, accept=(ours, tokens))
+    answer = a_mask.accepted()
+    expected = accept_batch(theirs, tokens)
+    b_mask.fill(theirs, rows)
+    assert answer == expected and answer[0] is False and answer[1:3] == [True, True]
+    assert [g.num_tokens for g in ours] == [g.num_tokens for g in theirs]
+    assert [g.is_terminated for g in ours] == [g.is_terminated for g in theirs] and ours[1].is_terminated
+    logits = torch.randn(8, VOCAB)
+    a, b = logits.clone(), logits.clone()
+    a_mask.apply(a)
+    b_mask.apply(b)
+    assert torch.equal(a, b)
+    assert unpack_bitmask(a_mask.host[0:1], VOCAB)[0].nonzero().flatten().tolist() == ours[1].stop_token_ids
+    with pytest.raises(RuntimeError, match="nothing to accept"):
+        a_mask.accepted()
+
+
+def test_an_accept_that_fails_in_the_worker_raises_at_accepted_and_fills_nothing(service, monkeypatch):
+    import structured.bitmask as bitmask_module
+
+    def broken(handles, tokens, debug):
+        raise RuntimeError("xgrammar broke")
+
+    grammar = RequestGrammar(service.compile_sync(StructuredOutputsParams(regex="[0-9]+")))
+    mask = BatchBitmask(4, VOCAB)
+    filled = []
+    mask._fill = lambda *args: filled.append(args)
+    monkeypatch.setattr(bitmask_module, "batch_accept_token", broken)
+    mask.start_fill([grammar], [1], accept=([grammar], [5]))
+    with pytest.raises(RuntimeError, match="xgrammar broke"):
+        mask.accepted()
+    mask.finish_fill()  # the fill was skipped, not failed
+    assert filled == [] and grammar.num_tokens == 0
+    monkeypatch.undo()
+    mask._fill = mask._batch._handle.batch_fill_next_token_bitmask
+    digit = RequestGrammar(service.compile_sync(StructuredOutputsParams(regex="[0-9]+")))
+    mask.start_fill([digit], [1])  # usable again, without an accept
+    mask.finish_fill()
+    assert unpack_bitmask(mask.host[1:2], VOCAB)[0].any()
 
 def test_fill_worker_runs_one_call_beside_the_caller_raises_its_error_and_ends_with_its_owner():
     import gc
