@@ -98,6 +98,8 @@ def main() -> None:
     engine.add_argument("--any-whitespace", action="store_true", help="let the JSON grammar allow free whitespace")
     engine.add_argument("--enforce-eager", action="store_true")
     engine.add_argument("--no-async-scheduling", action="store_true", help="every step in order (to compare)")
+    engine.add_argument("--sampler-graphs", type=_positive, default=None,
+                        help="CUDA graphs the sampler keeps (its LRU; default: the engine's)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     embedded = Path(args.tokenizer).resolve() == EMBEDDED_TOKENIZER
@@ -217,6 +219,11 @@ def engine_level(args) -> dict:
         core.runner.bitmask = bitmask
 
     use_bitmask(args.fill_threads[0])
+    graphs = getattr(core.runner.sampler, "graphs", None)  # the sampler's CUDA graphs (None: eager)
+    if graphs is not None:
+        if args.sampler_graphs:
+            graphs.max_graphs = args.sampler_graphs
+        _time_captures(graphs)
     prompts = [f"Record {i} of the registry, as JSON:" for i in range(args.batch)]
 
     def params(constrained: bool, seed: int) -> SamplingParams:
@@ -297,8 +304,8 @@ def engine_level(args) -> dict:
           f"fill threads {' '.join(args.fill_threads)}, startup {startup_s:.1f}s")
     print("| run | decode tok/s | output tok/s | mean output len | decode step p50 / p90 / max (ms) | "
           "finished by grammar | valid JSON | fill / step (ms) | fill / request (us) | "
-          "waited for the fill / step (ms) | steps run ahead | late samplings |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "waited for the fill / step (ms) | steps run ahead | late samplings | sampler graphs captured (ms), eager runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         constrained = not name.startswith("unconstrained")
         if run.get("twin_first"):
@@ -308,7 +315,8 @@ def engine_level(args) -> dict:
         steps = " / ".join(f"{run[k]:.2f}" for k in ("step_ms_p50", "step_ms_p90", "step_ms_max"))
         print(f"| {name} | {run['decode_tok_s']:.0f} | {run['output_tok_s']:.0f} | {run['mean_output_len']:.1f} | "
               f"{steps} | {run['stopped']}/{args.batch} | {run['valid'] if constrained else '-'} | {fill_cells} | "
-              f"{run['steps_run_ahead']}/{run['steps']} | {run['late_samplings']} |")
+              f"{run['steps_run_ahead']}/{run['steps']} | {run['late_samplings']} | "
+              f"{run.get('sampler_captures', '-')} ({run.get('sampler_capture_ms', 0):.1f}), {run.get('sampler_eager', '-')} |")
     for name, value in ratios.items():
         pairs = ", ".join(f"{r:.1%}" for r in pair_ratios[name])
         print(f"{name} / unconstrained decode throughput at the same lengths: median {value:.1%} of {pairs} "
@@ -344,6 +352,9 @@ def _timed_batch(core, prompts, params, profile: bool = False) -> dict:
     start = time.perf_counter()
     generated = core.num_generated_tokens
     steps, ahead, late = core.num_steps, core.num_steps_run_ahead, core.num_late_samplings
+    graphs = getattr(core.runner.sampler, "graphs", None)
+    if graphs is not None:
+        captures, replays, runs, capture_s = graphs.captures, graphs.replays, graphs.runs, graphs.capture_s
     while core.has_unfinished:
         prompt_before, tokens_before = core.num_prompt_tokens_computed, core.num_generated_tokens
         step_start = time.perf_counter()
@@ -377,7 +388,29 @@ def _timed_batch(core, prompts, params, profile: bool = False) -> dict:
             # async scheduling: steps finished with the next one already queued, and steps whose
             # sampling waited for the host (grammars: all of them but the first)
             "steps": core.num_steps - steps, "steps_run_ahead": core.num_steps_run_ahead - ahead,
-            "late_samplings": core.num_late_samplings - late}
+            "late_samplings": core.num_late_samplings - late,
+            # the sampler's CUDA graphs: layouts captured (and the host's time for it), eager runs
+            **({"sampler_captures": graphs.captures - captures, "sampler_capture_ms": (graphs.capture_s - capture_s) * 1e3,
+                "sampler_eager": (graphs.runs - runs) - (graphs.replays - replays)} if graphs is not None else {})}
+
+
+def _time_captures(graphs) -> None:
+    """Count the sampler's runs and time its graph captures (graphs.capture_s), for _timed_batch."""
+    capture, run = graphs._capture, graphs.run
+    graphs.capture_s, graphs.runs = 0.0, 0
+
+    def timed_capture(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return capture(*args, **kwargs)
+        finally:
+            graphs.capture_s += time.perf_counter() - start
+
+    def counted_run(*args, **kwargs):
+        graphs.runs += 1
+        return run(*args, **kwargs)
+
+    graphs._capture, graphs.run = timed_capture, counted_run
 
 
 def _positive(value: str) -> int:
