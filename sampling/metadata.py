@@ -240,6 +240,18 @@ class UploadArena:
             _pack(self.buf.numpy(), self.offsets, up.values())
         return self.views
 
+    def rewrite(self, name: str, a: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Write one array of the last send() again, in its place (same dtype and shape), queued
+        on the current stream as send() is; its view."""
+        view = self.views[name]
+        if device.type == "cuda":
+            host = torch.empty(a.nbytes, dtype=torch.uint8, pin_memory=True)
+            host.numpy().view(a.dtype)[:] = a.reshape(-1)
+            view.view(-1).view(torch.uint8).copy_(host, non_blocking=True)
+        else:
+            view.numpy().reshape(-1)[:] = a.reshape(-1)
+        return view
+
     def _plan(self, layout: tuple, device: torch.device) -> None:
         self.offsets, size = [], 0
         nbytes = [int(np.prod(shape)) * dtype.itemsize for _, dtype, shape in layout]
@@ -272,8 +284,12 @@ class MetadataCache:
     penalized rows did not each grow by exactly one token, takes a full build; a step with
     banned ids is not kept.
 
-    Full builds upload into one UploadArena and reuses into another, so that steps laid out
-    alike see their metadata at the same device addresses (a sampler graph replays on them).
+    Full builds upload into one UploadArena. A reuse without penalties rewrites the new keys in
+    place there (stream-ordered after the last step's readers): it is laid out as the full build
+    before it, so the sampler's graph of that layout serves both, and a batch that comes back
+    (the same rows after a change) replays from its first step. A reuse with penalties uploads
+    into another arena (its history tensors are its own), so that such steps too see their
+    metadata at the same device addresses (a sampler graph replays on them).
     """
 
     def __init__(self) -> None:
@@ -303,10 +319,15 @@ class MetadataCache:
                 if not md.all_greedy:
                     steps = np.fromiter(map(_step, rows), dtype=np.uint64, count=len(rows))
                     up["keys"] = keys_of(self.seed_terms, steps)
+                if last.penalties is None:
+                    # Only the keys change: written where the full build put its own, so that the
+                    # step is laid out as that one (one sampler graph for both, see the class doc).
+                    if "keys" in up:
+                        md.keys = self.full.rewrite("keys", up["keys"], torch.device(device))
+                    return md
                 t = self.step.send(up, torch.device(device))
                 md.keys = t.get("keys")
-                if last.penalties is not None:
-                    md.penalties = histories.commit(t, width)
+                md.penalties = histories.commit(t, width)
                 return md
         md = SamplingMetadata.build(rows, vocab_size, device, logprobs_mode, histories, self.full)
         if md.banned is None:

@@ -42,7 +42,7 @@ class Sampler:
     from a MetadataCache, which keeps addresses from step to step) replays a CUDA graph of the
     sampling: one launch instead of a dozen kernels and their host time (see SamplerGraphs)."""
 
-    def __init__(self, cuda_graphs: bool = False, max_graphs: int = 16) -> None:
+    def __init__(self, cuda_graphs: bool = False, max_graphs: int = 64) -> None:
         # Penalized rows' token ids stay on the device between steps; pass this to
         # SamplingMetadata.build so that each step uploads only the new tokens.
         self.histories = TokenHistories()

@@ -101,8 +101,44 @@ def test_the_least_recently_used_graph_goes_past_the_limit():
             x.copy_(random_logits(n, VOCAB, seed=step).cuda())
             sampler(x, cache.build(rows, VOCAB, torch.device("cuda")))
     graphs = sampler.graphs
-    assert graphs.captures == 3 and graphs.replays == 6 and len(graphs.graphs) == 2
+    # Without penalties a reuse is laid out as its full build: eager at the full build, captured
+    # at the first reuse, replayed at the next two.
+    assert graphs.captures == 3 and graphs.replays == 9 and len(graphs.graphs) == 2
     assert [key[6][1][0] for key in graphs.graphs] == [3, 4]  # the logits' rows: n = 2 went
+
+
+def test_a_batch_that_comes_back_replays_from_its_first_step_and_graphs_share_their_memory():
+    """Requests finish and others take their seats: the batches of a decode run come back. Each
+    layout's graph is captured once and replayed from the first step of its next visit (a full
+    build and its reuses are laid out alike), draws equal the eager sampler's, and the graphs of
+    33 layouts take about the memory of one (one pool, their scratch reused)."""
+    sampler, cache = Sampler(cuda_graphs=True), MetadataCache()
+    eager, eager_cache = Sampler(), MetadataCache()
+    params = SamplingParams(temperature=0.8, top_k=20, min_p=0.01)
+    logits = torch.empty(64, VOCAB, device="cuda")
+
+    def visit(n: int, steps: int, seed: int) -> None:
+        for step in range(steps):
+            rows = [SamplingRow(params, i, seed + step) for i in range(n)]
+            x = logits[:n]
+            x.copy_(random_logits(n, VOCAB, seed=seed + step).cuda())
+            want = eager(x.clone(), eager_cache.build(rows, VOCAB, torch.device("cuda"))).token_ids
+            got = sampler(x, cache.build(rows, VOCAB, torch.device("cuda"))).token_ids
+            assert torch.equal(got, want), (n, step)
+
+    visit(64, 3, 0)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    for n in range(63, 31, -1):
+        visit(n, 2, n)
+    graphs = sampler.graphs
+    assert graphs.captures == 33 and graphs.replays == 34  # each layout: eager, then captured
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() - reserved < 64 << 20
+    replays = graphs.replays
+    visit(48, 3, 1000)  # back: replayed from its first step
+    visit(64, 2, 2000)
+    assert graphs.captures == 33 and graphs.replays == replays + 5
 
 
 def compiled_kernels() -> int:
