@@ -268,10 +268,12 @@ class EngineCore:
             from structured.matcher import accept_batch
 
             accepted = accept_batch(*accept)
-        changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
+        try:
+            changed = self.scheduler.update_after_step(out, result.tokens, result.logprobs, result.prompt_logprobs)
+        finally:  # the grammars book their tokens whatever happens (xgrammar has them)
+            if in_worker:
+                accepted = self.runner.bitmask.accepted()
         self.num_generated_tokens += len(changed)
-        if in_worker:
-            accepted = self.runner.bitmask.accepted()
         if constrained:
             self._end_by_grammar(constrained, accepted)
         return self.outputs.process(changed, self.scheduler.finish_request)

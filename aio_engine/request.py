@@ -105,8 +105,9 @@ class Request:
         if not self.bad_words_ids and self.num_output_tokens >= params.min_tokens:
             return []  # the usual case, per sampling row per step
         banned: list[int] = []
-        grammar_done = self.grammar is not None and self.grammar.is_completed
-        if self.num_output_tokens < params.min_tokens and not grammar_done:  # a complete grammar allows only stops
+        # A complete grammar allows only stops. Its matcher is asked only before min_tokens: the
+        # runner waits for the bitmask's fill (which moves the matcher) only then.
+        if self.num_output_tokens < params.min_tokens and not (self.grammar is not None and self.grammar.is_completed):
             if not params.ignore_eos:
                 banned.extend(self.eos_token_ids)
             banned.extend(params.stop_token_ids)

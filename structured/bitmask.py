@@ -91,13 +91,16 @@ class BatchBitmask:
         also without the GIL), the step before's tokens, so that the fill sees them. The caller
         must then call accepted(), which waits for that part only and returns what accept_batch
         would: the caller's Python between the two runs beside xgrammar's accept. A row whose
-        grammar a stop token of `accept` terminates is filled as terminated."""
+        grammar a stop token of `accept` terminates is filled as terminated. An accept that
+        accepted() was not asked for is booked by the next start_fill()."""
         rows = [int(r) for r in rows]
         if len(rows) != len(grammars):
             raise ValueError(f"fill: {len(grammars)} grammars but {len(rows)} rows")
         if rows and (min(rows) < 0 or max(rows) >= self.max_rows or len(set(rows)) != len(rows)):
             raise ValueError(f"fill: rows must be distinct and in [0, {self.max_rows}), got {rows}")
         self.finish_fill()
+        if self._accepting is not None:  # an accept never collected: booked now, xgrammar has it
+            self.accepted()
         self._wait_upload()
         stopping: set[int] = set()  # ids of grammars a stop token in `accept` terminates
         if accept is not None:
@@ -128,7 +131,6 @@ class BatchBitmask:
         if accept is None:
             self._worker.start(self._fill, (handles, self.host, live_rows, False))
             return
-        self._accept_done.acquire(blocking=False)  # an accepted() never asked for leaves it released
         self._accepting = (accepting, tokens, self._accept_slot)
         self._worker.start(_accept_then_fill, (self._accept_slot, self._accept_done, [g._handle for g in accepting],
                                                tokens, self._fill, handles, self.host, live_rows))
@@ -140,12 +142,12 @@ class BatchBitmask:
         if self._accepting is None:
             raise RuntimeError("accepted: start_fill() was given nothing to accept")
         grammars, tokens, result = self._accepting
-        self._accepting = None
         if result is self._accept_slot:  # in the worker
             self._accept_done.acquire()
             result, self._accept_slot[0] = self._accept_slot[0], None
-            if isinstance(result, BaseException):
-                raise result
+        self._accepting = None
+        if isinstance(result, BaseException):
+            raise result
         return settle_accepts(grammars, tokens, result)
 
     @property
@@ -258,7 +260,11 @@ class FillWorker:
         self._slot[0] = (function, args)
         self.busy = True
         self._go.release()
-        self._taken.acquire()
+        try:
+            self._taken.acquire()
+        except BaseException:  # (an interrupt): the worker takes the call all the same
+            self._taken.acquire()
+            raise
 
     def finish(self) -> None:
         """Wait for the call start() began; its error, if any, raises here."""
@@ -287,8 +293,10 @@ def _serve(go: threading.Lock, taken: threading.Lock, done: threading.Lock, slot
 
 def _accept_then_fill(slot: list, done: threading.Lock, accept_handles: list, tokens: list[int], fill: Callable,
                       fill_handles: list, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """The worker's call for start_fill(accept=...): xgrammar's accept, its answer handed over
-    (the caller waits in accepted(), its GIL let go, so this thread goes on at once), then the fill."""
+    """The worker's call for start_fill(accept=...): xgrammar's accept, its answer handed over,
+    then the fill. Between the two this thread needs the GIL: it goes on once the caller lets it
+    go, at the latest when it waits in accepted() (the engine calls that right after appending
+    the tokens), so the fill starts after the longer of the accept and the append."""
     try:
         slot[0] = batch_accept_token(accept_handles, tokens, False)
     except BaseException as error:  # noqa: BLE001 (raised by accepted(); no fill then)

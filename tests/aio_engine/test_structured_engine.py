@@ -171,6 +171,30 @@ def test_the_next_fill_runs_while_the_tokens_are_appended_and_the_rows_built(llm
     assert sum(at_update) > 10 and sum(at_build) > 10, (sum(at_update), sum(at_build))
 
 
+
+def test_no_matcher_is_asked_while_the_bitmask_fills_it(llm, closers, monkeypatch):
+    """xgrammar moves a matcher through candidate tokens while it fills: the engine's thread asks
+    a matcher (is_completed, for min_tokens) only after waiting for the fill, and requests with
+    bad words (whose banned ids are worked out every step) do not ask it at all."""
+    from dataclasses import replace
+
+    from structured import RequestGrammar
+
+    runner, asked = llm.core.runner, []
+    completed = RequestGrammar.is_completed
+
+    def watched(grammar):
+        asked.append("bitmask" in vars(runner) and runner.bitmask._filling)
+        return completed.fget(grammar)
+
+    monkeypatch.setattr(RequestGrammar, "is_completed", property(watched))
+    params = [replace(constrained(closers, 500 + i, json=SCHEMAS["nested"]), bad_words=["zzz"]) for i in range(3)]
+    params.append(replace(constrained(closers, 600, json=SCHEMAS["nested"]), min_tokens=6))
+    outs = run(llm, params)
+    for out in outs:
+        validate(SCHEMAS["nested"], finished_text(out))
+    assert asked and not any(asked), asked  # asked for min_tokens only, never mid-fill
+
 def test_compact_json_has_no_free_whitespace(llm, closers):
     outs = run(llm, [constrained(closers, s, json=SCHEMAS["nested"]) for s in range(4)])
     for out in outs:

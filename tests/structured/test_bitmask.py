@@ -117,33 +117,39 @@ def _walk(grammar: RequestGrammar, steps: int, rng: random.Random) -> None:
 @pytest.mark.parametrize("background", [True, False])
 def test_an_accept_handed_to_the_fill_equals_accept_batch_then_fill(service, tokenizer, background):
     """start_fill(accept=...) (the worker accepts the step's tokens, then fills) gives what
-    accept_batch then fill give: the same answers, counts, terminations and bitmask rows, a
-    refused token refused, a stop token's row filled as terminated."""
+    accept_batch then fill give: the same answers, counts, terminations and bitmask rows (the
+    accepted tokens change them: the fill comes after the accept), a refused token refused, a
+    stop token's row filled as terminated."""
     specs = [StructuredOutputsParams(json_object=True), StructuredOutputsParams(regex="[0-9]{2,6}"),
-             StructuredOutputsParams(regex="[a-z]+"), StructuredOutputsParams(choice=["yes", "no"])]
+             StructuredOutputsParams(regex="[a-z]+"), StructuredOutputsParams(regex="(ab|cd)[0-9]")]
     compiled = [service.compile_sync(s) for s in specs]
     ours, theirs = [RequestGrammar(c) for c in compiled], [RequestGrammar(c) for c in compiled]
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        _walk(a, 2, random.Random(i))
-        _walk(b, 2, random.Random(i))
-    digits = ours[1].matcher  # two digits in: a stop token ends it
-    assert digits.is_completed()
-    row = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
-    ours[0].matcher.fill_next_token_bitmask(row, 0)
-    allowed = unpack_bitmask(row, VOCAB)[0]
-    refused = int((~allowed).nonzero()[1])  # a token the JSON grammar does not allow here
-    ours[2].matcher.fill_next_token_bitmask(row, 0)
-    letter = int(unpack_bitmask(row, VOCAB)[0].nonzero()[1])
-    tokens = [refused, EOS, letter, tokenizer.encode("yes")[0]]
+    for i in range(3):
+        _walk(ours[i], 2, random.Random(i))
+        _walk(theirs[i], 2, random.Random(i))
+    assert ours[1].matcher.is_completed()  # two digits in: a stop token ends it
     rows = [5, 0, 2, 7]
+    before = BatchBitmask(8, VOCAB)
+    before.fill(theirs, rows)
+    allowed = unpack_bitmask(before.host[[5, 7]], VOCAB)
+    grow = int(allowed[0].nonzero()[0])  # a token the JSON grammar allows here
+    digit = tokenizer.encode("7")[0]  # refused by [a-z]+
+    opening = tokenizer.encode("ab")[0]
+    assert allowed[1, opening] and not allowed[1, tokenizer.encode("9")[0]]
+    tokens = [grow, EOS, digit, opening]
     a_mask, b_mask = BatchBitmask(8, VOCAB), BatchBitmask(8, VOCAB)
     a_mask.start_fill(ours, rows, background=background, accept=(ours, tokens))
     answer = a_mask.accepted()
     expected = accept_batch(theirs, tokens)
     b_mask.fill(theirs, rows)
-    assert answer == expected and answer[0] is False and answer[1:3] == [True, True]
+    assert answer == expected == [True, True, False, True]
     assert [g.num_tokens for g in ours] == [g.num_tokens for g in theirs]
     assert [g.is_terminated for g in ours] == [g.is_terminated for g in theirs] and ours[1].is_terminated
+    assert torch.equal(a_mask.host[rows], b_mask.host[rows])
+    for row in (5, 7):  # the accepted tokens moved these rows' masks: filled after the accept
+        assert not torch.equal(a_mask.host[row], before.host[row]), row
+    after = unpack_bitmask(a_mask.host[7:8], VOCAB)[0]
+    assert after[tokenizer.encode("9")[0]]  # "ab" in: a digit next
     logits = torch.randn(8, VOCAB)
     a, b = logits.clone(), logits.clone()
     a_mask.apply(a)
@@ -152,6 +158,28 @@ def test_an_accept_handed_to_the_fill_equals_accept_batch_then_fill(service, tok
     assert unpack_bitmask(a_mask.host[0:1], VOCAB)[0].nonzero().flatten().tolist() == ours[1].stop_token_ids
     with pytest.raises(RuntimeError, match="nothing to accept"):
         a_mask.accepted()
+
+
+def test_an_accept_never_collected_is_booked_by_the_next_fill(service):
+    grammar = RequestGrammar(service.compile_sync(StructuredOutputsParams(regex="[0-9]{1,4}")))
+    mask = BatchBitmask(4, VOCAB)
+    digit = int(unpack_bitmask(_first_row(grammar), VOCAB)[0].nonzero()[0])
+    mask.start_fill([grammar], [1], accept=([grammar], [digit]))
+    mask.start_fill([grammar], [1])  # no accepted() in between: the accept is booked, not lost
+    mask.finish_fill()
+    assert grammar.num_tokens == 1
+    with pytest.raises(RuntimeError, match="nothing to accept"):
+        mask.accepted()
+    mask.start_fill([grammar], [1], accept=([grammar], [EOS]))  # a stop token after it: booked too
+    mask.start_fill([grammar], [2])
+    mask.finish_fill()
+    assert grammar.num_tokens == 2 and grammar.is_terminated
+
+
+def _first_row(grammar: RequestGrammar) -> torch.Tensor:
+    row = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
+    grammar.matcher.fill_next_token_bitmask(row, 0)
+    return row
 
 
 def test_an_accept_that_fails_in_the_worker_raises_at_accepted_and_fills_nothing(service, monkeypatch):
@@ -191,7 +219,8 @@ def test_fill_worker_runs_one_call_beside_the_caller_raises_its_error_and_ends_w
         seen.append(value)
 
     worker.start(blocking, (1,))
-    assert worker.busy and seen == []  # start() returned while the call runs
+    assert worker._slot[0] is None  # start() returned once the worker had taken the call
+    assert worker.busy and seen == []  # and while it runs
     with pytest.raises(RuntimeError, match="still to be finished"):
         worker.start(blocking, (2,))
     released.set()
