@@ -95,16 +95,21 @@ class SamplerGraphs:
     strides of the logits and of every metadata tensor, the metadata's host numbers (the
     penalty width by bucket), and the grammars' masking when it can be captured (its
     graph_key). A graph reads its inputs where they were at capture, so a step whose
-    tensors all sit at those addresses replays it with whatever they hold now. A layout is
-    captured the second step in a row it comes (a steady decode batch), after an eager run has
-    compiled the kernels; at most `max_graphs` are kept (the least recently used goes), in one
-    memory pool. The graph's token ids are copied out at each replay, so no step's result is
+    tensors all sit at those addresses replays it with whatever they hold now, the first step
+    of a batch that comes back among them. A new layout is captured the third step in a row it
+    comes (a steady decode batch: a full metadata build and two reuses, laid out alike), after
+    eager runs have compiled the kernels, so that a batch that lasts two steps (common while
+    requests come and go) costs no capture; at most `max_graphs` are kept (the least recently
+    used goes), in one memory pool whose scratch they share. The graph's token ids are copied out at each replay, so no step's result is
     overwritten by a later replay."""
+
+    CAPTURE_AT = 3  # a new layout is captured the third step in a row it comes
 
     def __init__(self, max_graphs: int) -> None:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()  # -> its token ids
         self.last_key: tuple | None = None
+        self.streak = 0  # steps in a row laid out as last_key
         self.pool = None
         self.captures = self.replays = 0
 
@@ -116,10 +121,11 @@ class SamplerGraphs:
             constrain(logits)
             constrain = None
         key = _layout(logits, md) + (masked_in_graph,)
-        last, self.last_key = self.last_key, key
+        self.streak = self.streak + 1 if key == self.last_key else 1
+        self.last_key = key
         entry = self.graphs.get(key)
         if entry is None:
-            if key != last:
+            if self.streak < self.CAPTURE_AT:
                 return _draw_tokens(logits, md, constrain)
             entry = self._capture(logits, md, key, constrain)
         else:
