@@ -13,8 +13,10 @@ bitmask, and decode throughput through the engine, constrained vs unconstrained.
   Reported: decode tokens/s of each run (steps that compute no prompt tokens) and its decode step
   p50 / p90 / max, the median over pairs of constrained / twin (issue 5's goal: >= 90%; against the
   fixed-length run too), output tokens/s end to end, the bitmask fill per step and per request
-  (timed where it runs) and the host's wait for it, the compiler made for the model's vocabulary,
-  and the schema's compile cold and cached. --profile: one more pair first, under cProfile.
+  (timed where it runs) and the host's wait for it, the engine thread's time taking the worker's
+  accept back (accepted()), the sampler's CUDA graphs captured (and the host's time for it) and
+  its eager runs, the compiler made for the model's vocabulary, and the schema's compile cold and
+  cached. --profile: one more pair first, under cProfile.
 
 The default --tokenizer is Qwen3's, benchmarks/tokenizers/qwen3, where it was built (`make
 qwen-tokenizer`, see benchmarks/qwen_tokenizer.py): xgrammar's fill costs time per token of the
@@ -192,9 +194,11 @@ def engine_level(args) -> dict:
 
     # Every bitmask fill of the engine, timed where it runs (the fill's worker thread, or the loop's
     # thread for a fill made at sampling): (seconds, rows filled); and the loop's thread's waits
-    # for a fill (the part of it the host's step did not hide), in seconds.
+    # for a fill (the part of it the host's step did not hide), in seconds; and its time in
+    # accepted() (the worker's accept handed back, the grammars' counts booked), in seconds.
     fills: list[tuple[float, int]] = []
     waits: list[float] = []
+    handbacks: list[float] = []
 
     def timed_fill(fill):
         def timed(handles, bitmask, rows, debug) -> None:
@@ -215,7 +219,16 @@ def engine_level(args) -> dict:
                 finish_fill()
                 waits.append(time.perf_counter() - start)
 
-        bitmask.finish_fill = timed_finish_fill
+        accepted = bitmask.accepted
+
+        def timed_accepted() -> list[bool]:
+            start = time.perf_counter()
+            try:
+                return accepted()
+            finally:
+                handbacks.append(time.perf_counter() - start)
+
+        bitmask.finish_fill, bitmask.accepted = timed_finish_fill, timed_accepted
         core.runner.bitmask = bitmask
 
     use_bitmask(args.fill_threads[0])
@@ -271,10 +284,12 @@ def engine_level(args) -> dict:
         twin = twin_of(lengths, profile) if lengths is not None else None
         fills.clear()
         waits.clear()
+        handbacks.clear()
         runs[name] = run = _timed_batch(core, prompts, [params(True, i) for i in range(args.batch)], profile)
         run["fill_calls"], run["fill_threads"] = len(fills), threads
         run["fill_per_step_ms"] = statistics.median(t for t, _ in fills) * 1e3 if fills else 0.0
         run["fill_wait_per_step_ms"] = sum(waits) / max(1, len(fills)) * 1e3
+        run["accept_handback_per_step_ms"] = sum(handbacks) / max(1, len(fills)) * 1e3
         run["fill_per_row_us"] = sum(t for t, _ in fills) / max(1, sum(n for _, n in fills)) * 1e6
         run["twin_first"] = twin is not None and run["lengths"] == lengths
         if not run["twin_first"]:
@@ -304,14 +319,14 @@ def engine_level(args) -> dict:
           f"fill threads {' '.join(args.fill_threads)}, startup {startup_s:.1f}s")
     print("| run | decode tok/s | output tok/s | mean output len | decode step p50 / p90 / max (ms) | "
           "finished by grammar | valid JSON | fill / step (ms) | fill / request (us) | "
-          "waited for the fill / step (ms) | steps run ahead | late samplings | sampler graphs captured (ms), eager runs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "waited for the fill / step (ms) | accept handed back / step (ms) | steps run ahead | late samplings | sampler graphs captured (ms), eager runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         constrained = not name.startswith("unconstrained")
         if run.get("twin_first"):
             name += " (after its twin)"
-        fill_cells = (f"{run['fill_per_step_ms']:.3f} | {run['fill_per_row_us']:.1f} | {run['fill_wait_per_step_ms']:.3f}"
-                      if constrained else "- | - | -")
+        fill_cells = (f"{run['fill_per_step_ms']:.3f} | {run['fill_per_row_us']:.1f} | {run['fill_wait_per_step_ms']:.3f} | "
+                      f"{run['accept_handback_per_step_ms']:.3f}" if constrained else "- | - | - | -")
         steps = " / ".join(f"{run[k]:.2f}" for k in ("step_ms_p50", "step_ms_p90", "step_ms_max"))
         print(f"| {name} | {run['decode_tok_s']:.0f} | {run['output_tok_s']:.0f} | {run['mean_output_len']:.1f} | "
               f"{steps} | {run['stopped']}/{args.batch} | {run['valid'] if constrained else '-'} | {fill_cells} | "

@@ -234,3 +234,19 @@ def test_profile_windows_profiles_each_window_of_steps_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, script, "--windows", "9-3"], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert bad.returncode == 2 and "FIRST < END" in bad.stderr
+
+
+def test_structured_runs_on_cpu_and_reports_its_pairs(tmp_path):
+    """benchmarks/structured.py --mode engine on the embedded model: constrained runs paired with
+    their twins, the fills, the fill's waits and the accept's hand-back timed, no sampler graphs."""
+    out = tmp_path / "structured.json"
+    subprocess.run([sys.executable, "benchmarks/structured.py", "--mode", "engine", "--batch", "4", "--max-tokens", "24",
+                    "--max-model-len", "256", "--model", "aio_engine/default_model", "--tokenizer",
+                    "aio_engine/default_model", "--load-format", "auto", "--fill-threads", "2", "--repeats", "2",
+                    "--json", str(out)], cwd=ROOT, check=True, timeout=300, capture_output=True)
+    engine = json.loads(out.read_text())["engine"]
+    constrained = [run for name, run in engine["runs"].items() if not name.startswith("unconstrained")]
+    assert len(constrained) == 2 and len(engine["decode_ratio_pairs"]["constrained"]) == 2
+    assert all(run["fill_calls"] > 0 and run["accept_handback_per_step_ms"] > 0 for run in constrained)
+    assert engine["runs"]["unconstrained"]["fill_calls"] == 0 and engine["decode_ratio"] > 0
+    assert all("sampler_captures" not in run for run in engine["runs"].values())  # CPU: sampled eagerly
