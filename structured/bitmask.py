@@ -240,7 +240,8 @@ class FillWorker:
     waits, its GIL let go, until then): a call that releases the GIL at once (xgrammar's batch
     fill) then runs beside the caller's Python. Without that handshake the worker would get the
     GIL only when the caller next let it go, often much later. Bare locks rather than an executor,
-    futures and events: the handover is on every constrained step's path (~40 us less a step).
+    futures and events: the handover is on every constrained step's path (32 us against 126-153
+    us for an executor and an event, measured on the dev machine).
     The thread ends when its owner is collected (the thread itself holds only the locks)."""
 
     def __init__(self) -> None:
