@@ -232,25 +232,25 @@ class UploadArena:
         layout = tuple((name, a.dtype, a.shape) for name, a in up.items())
         if layout != self.layout or device != self.device:
             self._plan(layout, device)
-        if device.type == "cuda":
-            host = torch.empty(self.size, dtype=torch.uint8, pin_memory=True)
-            _pack(host.numpy(), self.offsets, up.values())
-            self.buf[: self.size].copy_(host, non_blocking=True)
-        else:
-            _pack(self.buf.numpy(), self.offsets, up.values())
+        self._write(0, self.size, self.offsets, up.values(), device)
         return self.views
 
     def rewrite(self, name: str, a: np.ndarray, device: torch.device) -> torch.Tensor:
         """Write one array of the last send() again, in its place (same dtype and shape), queued
         on the current stream as send() is; its view."""
-        view = self.views[name]
+        offset = self.offsets[[n for n, _, _ in self.layout].index(name)]
+        self._write(offset, offset + a.nbytes, [0], [a], device)
+        return self.views[name]
+
+    def _write(self, start: int, end: int, offsets: list[int], arrays, device: torch.device) -> None:
+        """Pack `arrays` at `offsets` (from `start`) into buf[start:end]: on CUDA through pinned
+        memory and one non-blocking copy on the current stream."""
         if device.type == "cuda":
-            host = torch.empty(a.nbytes, dtype=torch.uint8, pin_memory=True)
-            host.numpy().view(a.dtype)[:] = a.reshape(-1)
-            view.view(-1).view(torch.uint8).copy_(host, non_blocking=True)
+            host = torch.empty(end - start, dtype=torch.uint8, pin_memory=True)
+            _pack(host.numpy(), offsets, arrays)
+            self.buf[start:end].copy_(host, non_blocking=True)
         else:
-            view.numpy().reshape(-1)[:] = a.reshape(-1)
-        return view
+            _pack(self.buf.numpy()[start:end], offsets, arrays)
 
     def _plan(self, layout: tuple, device: torch.device) -> None:
         self.offsets, size = [], 0

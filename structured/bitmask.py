@@ -108,6 +108,7 @@ class BatchBitmask:
             if len(accepting) != len(tokens):
                 raise ValueError(f"accept: {len(accepting)} grammars but {len(tokens)} tokens")
             stopping = {id(g) for g, t in zip(accepting, tokens) if g.stops_at(t)}
+            accept_handles = [g._handle for g in accepting]
         if grammars:
             self._fit(grammars[0].vocab_size)
         handles, live_rows = [], []
@@ -122,7 +123,7 @@ class BatchBitmask:
             return
         if not background:
             if accept is not None:
-                self._accepting = (accepting, tokens, batch_accept_token([g._handle for g in accepting], tokens, False))
+                self._accepting = (accepting, tokens, batch_accept_token(accept_handles, tokens, False))
             if handles:
                 self._fill(handles, self.host, live_rows, False)
             return
@@ -132,8 +133,8 @@ class BatchBitmask:
             self._worker.start(self._fill, (handles, self.host, live_rows, False))
             return
         self._accepting = (accepting, tokens, self._accept_slot)
-        self._worker.start(_accept_then_fill, (self._accept_slot, self._accept_done, [g._handle for g in accepting],
-                                               tokens, self._fill, handles, self.host, live_rows))
+        self._worker.start(_accept_then_fill, (self._accept_slot, self._accept_done, accept_handles, tokens,
+                                               self._fill, handles, self.host, live_rows))
 
     def accepted(self) -> list[bool]:
         """Wait for the accept start_fill(accept=...) handed the worker (not for the fill after
@@ -157,7 +158,7 @@ class BatchBitmask:
 
     def finish_fill(self) -> None:
         """Wait for the fill start_fill() began, if any (its error, if any, raises here)."""
-        if self._worker is not None and self._worker.busy:
+        if self._worker is not None:
             self._worker.finish()
 
     def clear(self) -> None:
